@@ -1,0 +1,3 @@
+from embedd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,623 @@
+"""The batch job's durable state: embedd's own SQLite file in the data dir.
+
+Navidrome's database is never written; everything a job must survive a crash
+with lives here: the job (models, mode, shard, status, counters, rebuild
+info) and, per (track, model), whether it was stored or failed.
+
+Exactly-once results rest on one rule: a (track, model) pair is recorded as
+done only after Milvus confirmed its row, in the same transaction as the
+counters that count it (:meth:`JobStore.checkpoint`). A crash therefore loses
+at most the work since the last checkpoint; on resume those tracks are simply
+embedded again and their upserts overwrite the rows already written, so the
+collection ends with one row per (track, model) and the counters with each
+track counted once (a track's outcome is recorded at most once per job).
+
+Durability: WAL with ``synchronous=FULL``. In WAL mode ``NORMAL`` already
+survives a SIGKILL (a committed transaction sits in the WAL in the OS page
+cache, which outlives the process); ``FULL`` also survives power loss or a
+kernel crash by fsyncing the WAL on every commit. That costs one fsync per
+checkpoint, i.e. per ~100 tracks, which is nothing next to embedding them,
+and it keeps a recorded status change (e.g. "completed" after a rebuild's
+alias switch) from being rolled back by a power cut.
+
+The API is synchronous on purpose: the file is small and local, each call is
+one short transaction (well under a millisecond plus one fsync), and a plain
+``sqlite3`` connection keeps the code simple. The daemon calls it off the
+event loop (``asyncio.to_thread`` or its own single worker thread); one lock
+serialises callers, so any thread may use the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from embedd.errors import Code, EmbeddError
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "FINAL_STATUSES",
+    "Checkpointer",
+    "Failure",
+    "Job",
+    "JobStatus",
+    "JobStore",
+    "Outcome",
+]
+
+SCHEMA_VERSION = 1
+_IN_CHUNK = 500  # ids per "IN (...)" query, below every SQLite's variable limit
+
+
+class JobStatus(str, enum.Enum):
+    """The contract's job statuses; ``idle`` is never stored (it means "no job")."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = frozenset({JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.CANCELLING})
+FINAL_STATUSES = frozenset(
+    {JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.PAUSED, JobStatus.CANCELLING, JobStatus.CANCELLED, JobStatus.FAILED}
+        | {JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS}
+    ),
+    JobStatus.PAUSED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    # A job may reach its end while a cancel is still on its way.
+    JobStatus.CANCELLING: frozenset(
+        {JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS}
+    ),
+}
+
+
+class Outcome(str, enum.Enum):
+    """What became of one track in a job; each track counts in exactly one counter."""
+
+    PROCESSED = "processed"  # every selected model's vector stored
+    FAILED = "failed"  # at least one model failed (its failure is listed)
+    SKIPPED = "skipped"  # nothing to do (already up to date)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """One failed (track, model), as ``batch_failures`` lists it."""
+
+    track_id: str
+    model: str
+    code: str  # a contract error code
+    message: str
+    path: str = ""
+
+    @classmethod
+    def from_error(cls, track_id: str, model: str, path: str, error: EmbeddError) -> "Failure":
+        return cls(track_id, model, error.code.value, error.message, path)
+
+    def to_wire(self) -> dict[str, str]:
+        return {"track_id": self.track_id, "path": self.path, "model": self.model, "code": self.code, "message": self.message}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    """A snapshot of one job's row."""
+
+    job_id: str
+    models: tuple[str, ...]
+    clear_existing: bool
+    shard: str | None
+    status: JobStatus
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    total_tracks: int
+    processed_tracks: int
+    failed_tracks: int
+    skipped_tracks: int
+    checkpoints: int
+    last_checkpoint_at: float | None
+    rebuild: Mapping[str, Any] | None
+    error: str | None
+
+    @property
+    def settled_tracks(self) -> int:
+        return self.processed_tracks + self.failed_tracks + self.skipped_tracks
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS job (
+    seq                INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                 TEXT    NOT NULL UNIQUE,
+    models             TEXT    NOT NULL,            -- JSON array of model names
+    clear_existing     INTEGER NOT NULL,
+    shard              TEXT,                        -- 'i/n' or NULL
+    status             TEXT    NOT NULL,
+    created_at         REAL    NOT NULL,
+    started_at         REAL,
+    finished_at        REAL,
+    updated_at         REAL    NOT NULL,
+    total_tracks       INTEGER NOT NULL DEFAULT 0,
+    processed_tracks   INTEGER NOT NULL DEFAULT 0,
+    failed_tracks      INTEGER NOT NULL DEFAULT 0,
+    skipped_tracks     INTEGER NOT NULL DEFAULT 0,
+    checkpoints        INTEGER NOT NULL DEFAULT 0,
+    last_checkpoint_at REAL,
+    rebuild            TEXT,                        -- JSON object or NULL
+    error              TEXT
+);
+CREATE INDEX IF NOT EXISTS job_status ON job (status);
+-- (track, model) pairs whose vector Milvus confirmed
+CREATE TABLE IF NOT EXISTS job_done (
+    job_seq  INTEGER NOT NULL REFERENCES job (seq) ON DELETE CASCADE,
+    track_id TEXT    NOT NULL,
+    model    TEXT    NOT NULL,
+    PRIMARY KEY (job_seq, track_id, model)
+) WITHOUT ROWID;
+-- (track, model) pairs that failed; the rowid keeps batch_failures in order
+CREATE TABLE IF NOT EXISTS job_failure (
+    id       INTEGER PRIMARY KEY,
+    job_seq  INTEGER NOT NULL REFERENCES job (seq) ON DELETE CASCADE,
+    track_id TEXT    NOT NULL,
+    model    TEXT    NOT NULL,
+    code     TEXT    NOT NULL,
+    message  TEXT    NOT NULL,
+    path     TEXT    NOT NULL DEFAULT '',
+    at       REAL    NOT NULL,
+    UNIQUE (job_seq, track_id, model)
+);
+CREATE INDEX IF NOT EXISTS job_failure_order ON job_failure (job_seq, id);
+-- a track's outcome, recorded once per job, so that counters count it once
+CREATE TABLE IF NOT EXISTS job_track (
+    job_seq  INTEGER NOT NULL REFERENCES job (seq) ON DELETE CASCADE,
+    track_id TEXT    NOT NULL,
+    outcome  TEXT    NOT NULL,
+    PRIMARY KEY (job_seq, track_id)
+) WITHOUT ROWID;
+"""
+
+_JOB_COLUMNS = (
+    "id, models, clear_existing, shard, status, created_at, started_at, finished_at, updated_at, total_tracks, "
+    "processed_tracks, failed_tracks, skipped_tracks, checkpoints, last_checkpoint_at, rebuild, error"
+)
+
+
+def _job_from_row(row: Sequence[Any]) -> Job:
+    (jid, models, clear, shard, status, created, started, finished, updated, total, processed, failed, skipped,
+     checkpoints, last_cp, rebuild, error) = row  # fmt: skip
+    return Job(
+        job_id=jid,
+        models=tuple(json.loads(models)),
+        clear_existing=bool(clear),
+        shard=shard,
+        status=JobStatus(status),
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        updated_at=updated,
+        total_tracks=total,
+        processed_tracks=processed,
+        failed_tracks=failed,
+        skipped_tracks=skipped,
+        checkpoints=checkpoints,
+        last_checkpoint_at=last_cp,
+        rebuild=json.loads(rebuild) if rebuild is not None else None,
+        error=error,
+    )
+
+
+def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class JobStore:
+    """Jobs and their per-track records in one SQLite file.
+
+    ``keep_jobs`` old job rows are kept for history; per-track records are
+    kept only for the newest job (``batch_failures`` is about the latest job,
+    and resume only ever needs the active one).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        keep_jobs: int = 50,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        self._keep_jobs = max(1, keep_jobs)
+        self._clock = clock
+        self._lock = threading.Lock()
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        except (OSError, sqlite3.Error) as exc:
+            raise EmbeddError(Code.UNAVAILABLE, f"the batch state file {self.path} cannot be opened ({exc}).") from exc
+        try:
+            self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise EmbeddError(
+                    Code.UNAVAILABLE,
+                    f"the batch state file {self.path} was written by a newer embedd (schema {version}, this one knows {SCHEMA_VERSION}).",
+                )
+            with self._transaction():
+                for stmt in _statements(_SCHEMA):
+                    self._conn.execute(stmt)
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise EmbeddError(Code.UNAVAILABLE, f"the batch state file {self.path} is not a usable SQLite database ({exc}).") from exc
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # ---- plumbing
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+    def _transaction(self) -> "JobStore._Tx":
+        return JobStore._Tx(self._conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "JobStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _seq(self, job_id: str) -> int:
+        row = self._conn.execute("SELECT seq FROM job WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise EmbeddError(Code.NOT_FOUND, f"batch job {job_id!r} does not exist.")
+        return row[0]
+
+    def _get(self, job_id: str) -> Job:
+        row = self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM job WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise EmbeddError(Code.NOT_FOUND, f"batch job {job_id!r} does not exist.")
+        return _job_from_row(row)
+
+    # ---- jobs
+
+    def create_job(
+        self,
+        *,
+        models: Sequence[str],
+        clear_existing: bool = False,
+        shard: str | None = None,
+        total_tracks: int = 0,
+        rebuild: Mapping[str, Any] | None = None,
+        job_id: str | None = None,
+    ) -> Job:
+        """Record a new job as ``running``; ``busy`` while another job is active.
+
+        The check and the insert are one transaction, so two racing
+        ``batch_start`` calls cannot both win. Per-track records of older jobs
+        are dropped here: only the latest job's failures are ever listed.
+        """
+        if not models:
+            raise EmbeddError(Code.BAD_REQUEST, "argument 'models' must name at least one model.")
+        now = self._clock()
+        jid = job_id or secrets.token_hex(8)
+        with self._lock, self._transaction() as c:
+            active = c.execute(
+                f"SELECT id, status FROM job WHERE status IN ({','.join('?' * len(ACTIVE_STATUSES))}) ORDER BY seq DESC LIMIT 1",
+                tuple(s.value for s in ACTIVE_STATUSES),
+            ).fetchone()
+            if active is not None:
+                raise EmbeddError(Code.BUSY, f"batch job {active[0]} is {active[1]}; cancel it or wait for it to finish.")
+            c.execute("DELETE FROM job_done")
+            c.execute("DELETE FROM job_failure")
+            c.execute("DELETE FROM job_track")
+            c.execute(
+                "DELETE FROM job WHERE seq NOT IN (SELECT seq FROM job ORDER BY seq DESC LIMIT ?)", (self._keep_jobs - 1,)
+            )
+            c.execute(
+                "INSERT INTO job (id, models, clear_existing, shard, status, created_at, started_at, updated_at, total_tracks, rebuild)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (jid, json.dumps(list(models)), int(clear_existing), shard, JobStatus.RUNNING.value, now, now, now,
+                 int(total_tracks), json.dumps(dict(rebuild)) if rebuild is not None else None),  # fmt: skip
+            )
+            return self._get(jid)
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM job WHERE id = ?", (job_id,)).fetchone()
+        return _job_from_row(row) if row is not None else None
+
+    def latest_job(self) -> Job | None:
+        """The newest job, whatever its status (the progress map shows it); None: idle."""
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM job ORDER BY seq DESC LIMIT 1").fetchone()
+        return _job_from_row(row) if row is not None else None
+
+    def resumable_job(self) -> Job | None:
+        """The job a restarted daemon must pick up: running, paused or cancelling.
+
+        ``running`` was interrupted (crash, SIGKILL, reboot): resume it.
+        ``paused`` was paused by the operator: keep it paused until
+        ``batch_resume``. ``cancelling`` was interrupted mid-cancel: finish the
+        cancel (drop a rebuild's new collections) and mark it ``cancelled``.
+        """
+        job = self.latest_job()
+        return job if job is not None and job.active else None
+
+    def set_status(self, job_id: str, status: JobStatus | str, *, error: str | None = None) -> Job:
+        """Move a job to ``status``; the same status again is a no-op.
+
+        A move the state machine forbids (e.g. resuming a finished job) is
+        ``not_found`` with a sentence saying why: for the wire that is "there
+        is no job to pause/resume/cancel".
+        """
+        status = JobStatus(status)
+        if status is JobStatus.IDLE:
+            raise EmbeddError(Code.INTERNAL, "a batch job cannot be set to 'idle'; idle means that no job exists.")
+        now = self._clock()
+        with self._lock, self._transaction() as c:
+            job = self._get(job_id)
+            if job.status is status:
+                if error is not None:
+                    c.execute("UPDATE job SET error = ?, updated_at = ? WHERE id = ?", (error, now, job_id))
+                    return self._get(job_id)
+                return job
+            if status not in _TRANSITIONS.get(job.status, frozenset()):
+                raise EmbeddError(Code.NOT_FOUND, f"batch job {job_id} is {job.status.value} and cannot become {status.value}.")
+            finished = now if status in FINAL_STATUSES else None
+            c.execute(
+                "UPDATE job SET status = ?, updated_at = ?, finished_at = coalesce(?, finished_at), error = coalesce(?, error)"
+                " WHERE id = ?",
+                (status.value, now, finished, error, job_id),
+            )
+            return self._get(job_id)
+
+    def set_total(self, job_id: str, total_tracks: int) -> Job:
+        """The job's track count once known (a count of the library may follow the start)."""
+        with self._lock, self._transaction() as c:
+            self._seq(job_id)
+            c.execute("UPDATE job SET total_tracks = ?, updated_at = ? WHERE id = ?", (int(total_tracks), self._clock(), job_id))
+            return self._get(job_id)
+
+    def set_rebuild(self, job_id: str, rebuild: Mapping[str, Any] | None) -> Job:
+        """A rebuild's bookkeeping (e.g. old and new collection per model), JSON-serialisable."""
+        with self._lock, self._transaction() as c:
+            self._seq(job_id)
+            c.execute(
+                "UPDATE job SET rebuild = ?, updated_at = ? WHERE id = ?",
+                (json.dumps(dict(rebuild)) if rebuild is not None else None, self._clock(), job_id),
+            )
+            return self._get(job_id)
+
+    # ---- per-track records
+
+    def checkpoint(
+        self,
+        job_id: str,
+        *,
+        done: Iterable[tuple[str, str]] = (),
+        failures: Iterable[Failure] = (),
+        finished: Iterable[tuple[str, Outcome | str]] = (),
+    ) -> Job:
+        """Record confirmed work in one transaction and count it.
+
+        ``done``: (track_id, model) pairs whose rows Milvus has confirmed.
+        ``failures``: failed (track, model) pairs. ``finished``: (track_id,
+        outcome) for tracks with nothing left to do in this job; each track's
+        outcome is counted the first time only, so a replay after a crash can
+        never count a track twice. A pair already settled keeps its first record.
+        """
+        done = list(done)
+        failures = list(failures)
+        first: dict[str, Outcome] = {}
+        for t, o in finished:  # within one call too, a track's first outcome is the one that counts
+            first.setdefault(t, Outcome(o))
+        finished = list(first.items())
+        now = self._clock()
+        with self._lock, self._transaction() as c:
+            seq = self._seq(job_id)
+            c.executemany("INSERT OR IGNORE INTO job_done (job_seq, track_id, model) VALUES (?, ?, ?)", ((seq, t, m) for t, m in done))
+            c.executemany(
+                "INSERT OR IGNORE INTO job_failure (job_seq, track_id, model, code, message, path, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((seq, f.track_id, f.model, str(f.code), f.message, f.path, now) for f in failures),
+            )
+            added = {o: 0 for o in Outcome}
+            for outcome in Outcome:
+                rows = [(seq, t, outcome.value) for t, o in finished if o is outcome]
+                if rows:
+                    before = c.total_changes
+                    c.executemany("INSERT OR IGNORE INTO job_track (job_seq, track_id, outcome) VALUES (?, ?, ?)", rows)
+                    added[outcome] = c.total_changes - before
+            c.execute(
+                "UPDATE job SET processed_tracks = processed_tracks + ?, failed_tracks = failed_tracks + ?,"
+                " skipped_tracks = skipped_tracks + ?, checkpoints = checkpoints + 1, last_checkpoint_at = ?, updated_at = ?"
+                " WHERE seq = ?",
+                (added[Outcome.PROCESSED], added[Outcome.FAILED], added[Outcome.SKIPPED], now, now, seq),
+            )
+            return self._get(job_id)
+
+    def record_done(self, job_id: str, items: Iterable[tuple[str, str]]) -> Job:
+        return self.checkpoint(job_id, done=items)
+
+    def record_failures(self, job_id: str, failures: Iterable[Failure]) -> Job:
+        return self.checkpoint(job_id, failures=failures)
+
+    def settled(self, job_id: str, track_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+        """For the resume path: the models already done or failed, per track.
+
+        Ask with one page of track ids at a time; tracks with nothing settled
+        are absent from the answer.
+        """
+        ids = list(dict.fromkeys(track_ids))
+        out: dict[str, set[str]] = {}
+        with self._lock:
+            seq = self._seq(job_id)
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                for table in ("job_done", "job_failure"):
+                    for t, m in self._conn.execute(
+                        f"SELECT track_id, model FROM {table} WHERE job_seq = ? AND track_id IN ({marks})", (seq, *chunk)
+                    ):
+                        out.setdefault(t, set()).add(m)
+        return {t: frozenset(ms) for t, ms in out.items()}
+
+    def finished_tracks(self, job_id: str, track_ids: Sequence[str]) -> set[str]:
+        """Which of these tracks already have their outcome recorded in the job."""
+        ids = list(dict.fromkeys(track_ids))
+        out: set[str] = set()
+        with self._lock:
+            seq = self._seq(job_id)
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                out.update(
+                    r[0]
+                    for r in self._conn.execute(
+                        f"SELECT track_id FROM job_track WHERE job_seq = ? AND track_id IN ({marks})", (seq, *chunk)
+                    )
+                )
+        return out
+
+    def is_done(self, job_id: str, track_id: str, model: str) -> bool:
+        """Whether Milvus confirmed this pair's row in this job."""
+        with self._lock:
+            seq = self._seq(job_id)
+            return (
+                self._conn.execute(
+                    "SELECT 1 FROM job_done WHERE job_seq = ? AND track_id = ? AND model = ?", (seq, track_id, model)
+                ).fetchone()
+                is not None
+            )
+
+    def done_count(self, job_id: str, model: str | None = None) -> int:
+        """Pairs recorded as stored, for one model or all."""
+        with self._lock:
+            seq = self._seq(job_id)
+            if model is None:
+                return self._conn.execute("SELECT count(*) FROM job_done WHERE job_seq = ?", (seq,)).fetchone()[0]
+            return self._conn.execute(
+                "SELECT count(*) FROM job_done WHERE job_seq = ? AND model = ?", (seq, model)
+            ).fetchone()[0]
+
+    def failures(self, job_id: str, limit: int = 100, offset: int = 0) -> tuple[int, list[Failure]]:
+        """``batch_failures``: the total and one page, in the order they happened."""
+        if limit < 0:
+            raise EmbeddError(Code.BAD_REQUEST, f"argument 'limit' must not be negative, got {limit}.")
+        if offset < 0:
+            raise EmbeddError(Code.BAD_REQUEST, f"argument 'offset' must not be negative, got {offset}.")
+        with self._lock:
+            seq = self._seq(job_id)
+            total = self._conn.execute("SELECT count(*) FROM job_failure WHERE job_seq = ?", (seq,)).fetchone()[0]
+            rows = self._conn.execute(
+                "SELECT track_id, model, code, message, path FROM job_failure WHERE job_seq = ? ORDER BY id LIMIT ? OFFSET ?",
+                (seq, limit, offset),
+            ).fetchall()
+        return total, [Failure(*r) for r in rows]
+
+
+def _statements(script: str) -> list[str]:
+    """Split the schema script into statements (executescript would commit our transaction)."""
+    out, buf = [], ""
+    for line in script.splitlines():
+        stripped = line.split("--", 1)[0]
+        buf += stripped + "\n"
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    return out
+
+
+class Checkpointer:
+    """Buffers confirmed per-track results and writes them every ``every`` tracks.
+
+    The pipeline calls :meth:`add` (no I/O, safe on the event loop) once a
+    track's rows are confirmed by Milvus, or once it failed or was skipped;
+    when :meth:`add` returns True a checkpoint is due and the caller runs
+    :meth:`flush` off the loop. Pause, cancel and the job's end call
+    :meth:`flush` too, so nothing confirmed is left unrecorded.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, *, every: int = 100) -> None:
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        self.store = store
+        self.job_id = job_id
+        self.every = every
+        self._lock = threading.Lock()
+        self._done: list[tuple[str, str]] = []
+        self._failures: list[Failure] = []
+        self._finished: list[tuple[str, Outcome]] = []
+
+    @property
+    def pending(self) -> int:
+        """Tracks whose outcome waits for the next checkpoint."""
+        return len(self._finished)
+
+    def add(
+        self,
+        track_id: str,
+        outcome: Outcome | str,
+        *,
+        done_models: Iterable[str] = (),
+        failures: Iterable[Failure] = (),
+    ) -> bool:
+        with self._lock:
+            self._done.extend((track_id, m) for m in done_models)
+            self._failures.extend(failures)
+            self._finished.append((track_id, Outcome(outcome)))
+            return len(self._finished) >= self.every
+
+    def flush(self) -> Job | None:
+        """Write what is buffered (blocking); None when there was nothing."""
+        with self._lock:
+            done, failures, finished = self._done, self._failures, self._finished
+            self._done, self._failures, self._finished = [], [], []
+        if not (done or failures or finished):
+            return None
+        try:
+            return self.store.checkpoint(self.job_id, done=done, failures=failures, finished=finished)
+        except BaseException:
+            with self._lock:  # keep them for the next try (e.g. the disk was full)
+                self._done[:0], self._failures[:0], self._finished[:0] = done, failures, finished
+            raise

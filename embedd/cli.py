@@ -1,0 +1,319 @@
+"""The ``embedd`` command line: ``serve`` runs the daemon, the rest talk to it.
+
+Client subcommands print something a person can read, or the raw result with
+``--json`` for scripts, and exit non-zero with the daemon's own sentence when
+it answers an error (exit 1), or when it cannot be reached (exit 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import logging.handlers
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from embedd import __version__
+from embedd.errors import Code, EmbeddError
+from embedd.models import MODEL_NAMES
+from embedd.settings import SettingsInvalid, add_settings_arguments, default_socket_path, settings_from_args
+
+__all__ = ["main"]
+
+FINAL_STATUSES = {"idle", "completed", "completed_with_errors", "failed", "cancelled"}
+
+
+# ---------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------
+
+
+def _configure_logging(level: str, log_dir: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(log_dir / "embedd.log", maxBytes=10 * 2**20, backupCount=3)
+        )
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except SettingsInvalid as exc:
+        print(f"embedd: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level, settings.log_dir)
+
+    import uvloop
+
+    from embedd.server import Server, StartupError
+
+    try:
+        uvloop.run(Server(settings).serve())
+    except StartupError as exc:
+        print(f"embedd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# client commands
+# ---------------------------------------------------------------------------
+
+
+def _fmt_vector(value: Any) -> str:
+    if isinstance(value, bytes):
+        return f"<{len(value) // 4} float32>"
+    if isinstance(value, list):
+        return f"<{len(value)} floats>"
+    return str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        import numpy as np
+
+        if len(value) % 4 == 0:
+            return np.frombuffer(value, dtype="<f4").tolist()
+        return value.hex()
+    raise TypeError(type(value).__name__)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def render_progress(p: dict) -> str:
+    total = p.get("total_tracks") or 0
+    done = p.get("processed_tracks") or 0
+    width = 30
+    filled = int(width * (p.get("progress_percent") or 0) / 100)
+    bar = "#" * filled + "-" * (width - filled)
+    rate = p.get("rate_tracks_per_s")
+    eta = p.get("estimated_completion")
+    eta_s = _duration(eta - time.time()) if eta else "?"
+    line = (
+        f"[{bar}] {p.get('progress_percent', 0):5.1f}% {done}/{total} "
+        f"failed {p.get('failed_tracks', 0)} skipped {p.get('skipped_tracks', 0)} "
+        f"{(rate or 0):.2f} tracks/s ETA {eta_s} {p.get('status')}"
+    )
+    if p.get("current_track"):
+        line += f" | {p['current_track']}"
+    return line
+
+
+def _print_status(r: dict) -> None:
+    print(f"embedd {r['version']} on {r['device']}")
+    print(f"milvus: {r['milvus']['uri']} ({'ok' if r['milvus']['ok'] else 'unreachable'})")
+    print(f"queues: interactive {r['queue']['interactive']}, batch {r['queue']['batch']}")
+    print("models:")
+    for name, m in r["models"].items():
+        state = f"loaded, idle {m['idle_s']:.0f}s" if m["loaded"] and m["idle_s"] is not None else (
+            "loaded" if m["loaded"] else "not loaded"
+        )
+        text = ", text" if m["text"] else ""
+        print(f"  {name:<7} {state:<22} dim {m['dim']:<6} -> {m['collection']}{text}")
+    if r.get("batch"):
+        print("batch: " + render_progress(r["batch"]))
+
+
+def _print_hits(r: dict) -> None:
+    hits = r["hits"]
+    if not hits:
+        print("no results")
+        return
+    for rank, hit in enumerate(hits, 1):
+        who = " - ".join(x for x in (hit.get("artist"), hit.get("title")) if x) or hit.get("path") or hit["track_id"]
+        print(f"{rank:>3}. {hit['score']:.4f}  {who}  [{hit['track_id']}]")
+
+
+def _print_embed(r: dict) -> None:
+    print(f"duration {r['duration_s']:.1f} s")
+    for name, m in r["models"].items():
+        print(f"  {name:<7} dim {m['dim']:<6} windows {m['windows']:<4} vector {_fmt_vector(m['vector'])}")
+
+
+def _print_failures(r: dict) -> None:
+    print(f"{r['total']} failure(s)")
+    for f in r["failures"]:
+        print(f"  {f['code']:<13} {f['model']:<7} {f['path'] or f['track_id']}: {f['message']}")
+
+
+async def _run_client(args: argparse.Namespace) -> int:
+    from embedd.client import Client
+
+    as_json: bool = args.json
+    async with await Client.connect(args.socket) as client:
+
+        def out(result: dict, human: Callable[[dict], None]) -> None:
+            if as_json:
+                print(json.dumps(result, default=_json_default))
+            else:
+                human(result)
+
+        cmd = args.command
+        if cmd == "ping":
+            r = await client.call("ping")
+            out(r, lambda r: print(f"pong: embedd {r['version']}, protocol {r['protocol']}, up {r['uptime_s']:.0f} s"))
+        elif cmd == "status":
+            out(await client.call("status"), _print_status)
+        elif cmd == "unload":
+            call_args = {"model": args.model} if args.model else {}
+            out(await client.call("unload", **call_args), lambda r: print("unloaded: " + (", ".join(r["unloaded"]) or "nothing")))
+        elif cmd == "embed":
+            call_args = {"path": str(Path(args.file).absolute()), "models": args.models or ["muq"], "store": args.store}
+            if args.track_id:
+                call_args["track_id"] = args.track_id
+            out(await client.call("embed_file", **call_args), _print_embed)
+        elif cmd == "text":
+            r = await client.call("embed_text", text=args.text, model=args.model)
+            out(r, lambda r: print(f"{r['model']}: dim {r['dim']} vector {_fmt_vector(r['vector'])} raw {_fmt_vector(r['raw'])}"))
+        elif cmd == "search":
+            call_args = {"model": args.model, "limit": args.limit}
+            if args.text:
+                call_args["text"] = args.text
+            elif args.track_id:
+                call_args["track_id"] = args.track_id
+            if args.exclude:
+                call_args["exclude_track_ids"] = args.exclude
+            out(await client.call("search", **call_args), _print_hits)
+        elif cmd == "batch":
+            return await _run_batch(client, args, out)
+    return 0
+
+
+async def _follow(client: Any, as_json: bool) -> dict:
+    last: dict = {}
+    tty = sys.stdout.isatty() and not as_json
+    async for progress in client.stream("batch_watch"):
+        last = progress
+        if as_json:
+            print(json.dumps(progress), flush=True)
+        elif tty:
+            print("\r\x1b[2K" + render_progress(progress), end="", flush=True)
+        else:
+            print(render_progress(progress), flush=True)
+    if tty:
+        print()
+    return last
+
+
+async def _run_batch(client: Any, args: argparse.Namespace, out: Callable) -> int:
+    action = args.action
+    if action == "start":
+        call_args: dict[str, Any] = {"clear_existing": args.clear_existing}
+        if args.models:
+            call_args["models"] = args.models
+        if args.shard:
+            call_args["shard"] = args.shard
+        r = await client.call("batch_start", **call_args)
+        out(r, lambda r: print(f"started job {r['job_id']} over {r['total_tracks']} tracks"))
+        if args.follow:
+            final = await _follow(client, args.json)
+            return 0 if final.get("status") in ("completed", "idle") else 1
+    elif action == "progress":
+        out(await client.call("batch_progress"), lambda r: print(render_progress(r)))
+    elif action == "watch":
+        final = await _follow(client, args.json)
+        return 0 if final.get("status") in ("completed", "idle") else 1
+    elif action in ("pause", "resume"):
+        out(await client.call(f"batch_{action}"), lambda r: print(render_progress(r)))
+    elif action == "cancel":
+        out(await client.call("batch_cancel"), lambda r: print(f"job {r['status']}"))
+    elif action == "failures":
+        out(await client.call("batch_failures", limit=args.limit, offset=args.offset), _print_failures)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# argument parsing
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedd", description="Music-embedding daemon for Navidrome, and its client.")
+    parser.add_argument("--version", action="version", version=f"embedd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon", description="Run the embedd daemon.")
+    add_settings_arguments(serve)
+
+    client_opts = argparse.ArgumentParser(add_help=False)
+    client_opts.add_argument("--socket", default=str(default_socket_path()), help="daemon socket [env: EMBEDD_SOCKET]")
+    client_opts.add_argument("--json", action="store_true", help="print the raw result as JSON")
+
+    sub.add_parser("ping", parents=[client_opts], help="check the daemon answers")
+    sub.add_parser("status", parents=[client_opts], help="models, queues, Milvus, batch job")
+    p = sub.add_parser("unload", parents=[client_opts], help="unload one model or all")
+    p.add_argument("model", nargs="?", choices=MODEL_NAMES)
+
+    p = sub.add_parser("embed", parents=[client_opts], help="embed an audio file")
+    p.add_argument("file")
+    p.add_argument("-m", "--model", dest="models", action="append", choices=MODEL_NAMES, help="repeatable; default muq")
+    p.add_argument("--store", action="store_true", help="upsert into Milvus (needs --track-id)")
+    p.add_argument("--track-id")
+
+    p = sub.add_parser("text", parents=[client_opts], help="embed a text query")
+    p.add_argument("text")
+    p.add_argument("-m", "--model", default="muq", choices=MODEL_NAMES)
+
+    p = sub.add_parser("search", parents=[client_opts], help="similar tracks, by text or by a stored track")
+    p.add_argument("text", nargs="?", help="a text query (muq)")
+    p.add_argument("--track-id", help="tracks similar to this stored track")
+    p.add_argument("-m", "--model", default="muq", choices=MODEL_NAMES)
+    p.add_argument("-n", "--limit", type=int, default=20)
+    p.add_argument("--exclude", action="append", metavar="TRACK_ID")
+
+    batch = sub.add_parser("batch", help="re-embed the whole library")
+    bsub = batch.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = bsub.add_parser("start", parents=[client_opts], help="start a job")
+    p.add_argument("-m", "--model", dest="models", action="append", choices=MODEL_NAMES, help="repeatable; default all")
+    p.add_argument("--clear-existing", action="store_true", help="re-embed every track (old vectors stay until done)")
+    p.add_argument("--shard", help="i/n: embed only shard i of n")
+    p.add_argument("-f", "--follow", action="store_true", help="draw live progress until the job ends")
+    for action, text in (
+        ("progress", "the job's progress"),
+        ("watch", "follow the job's progress live"),
+        ("pause", "pause the job and free the GPU"),
+        ("resume", "resume a paused job"),
+        ("cancel", "cancel the job"),
+    ):
+        bsub.add_parser(action, parents=[client_opts], help=text)
+    p = bsub.add_parser("failures", parents=[client_opts], help="tracks that failed in the latest job")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--offset", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    try:
+        return asyncio.run(_run_client(args))
+    except EmbeddError as exc:
+        print(f"embedd: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 3 if exc.code in (Code.UNAVAILABLE, Code.FORBIDDEN) and "socket" in exc.message else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

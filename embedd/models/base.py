@@ -1,0 +1,125 @@
+"""What every embedding model backend looks like to the executor.
+
+A backend object lives on the executor thread and is only ever touched there:
+the registry creates it, loads it on first use, calls it, and unloads it when it
+has been idle too long. Subclasses describe themselves in class attributes and
+fill in the ``_load``/``_unload`` hooks plus the embedding methods; the public
+``load``/``unload`` are idempotent wrappers so that the registry never has to
+know a model's state.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+import numpy as np
+
+from embedd.errors import Code, EmbeddError
+from embedd.models import ModelInfo
+
+if TYPE_CHECKING:  # torch is heavy; only the model modules import it at run time
+    import torch
+
+__all__ = ["AudioEmbedding", "EmbeddingModel", "ModelSpec", "TextEmbedding"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """How the daemon was told to build one model (from the settings)."""
+
+    source: str  # hub id or local directory/file
+    device: str  # "cpu", "cuda", "cuda:1" (already resolved from "auto")
+    half: bool  # float16 weights and activations (CUDA only)
+    batch_size: int  # windows per forward pass
+    cache_dir: str | None = None  # hub cache; None = library default
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AudioEmbedding:
+    """One track's stored vector: the enrichment of its per-window embeddings."""
+
+    vector: np.ndarray  # float32, shape [dim], L2-normalised
+    windows: int  # T, the number of windows (frames for latent) enriched
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TextEmbedding:
+    raw: np.ndarray  # the model's joint-space text latent (512 for muq)
+    vector: np.ndarray  # the same query laid out in the stored collection's dim
+
+
+class EmbeddingModel(abc.ABC):
+    """Base class of the backends; one instance per model name per daemon."""
+
+    info: ClassVar[ModelInfo]  # the catalogue entry: name, collection, sample rate, channels, text
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._loaded = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    # -- lifecycle -------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        """Load the weights if they are not loaded; ``unavailable`` on failure."""
+        if self._loaded:
+            return
+        try:
+            self._load()
+        except EmbeddError:
+            raise
+        except Exception as exc:  # the loader's own reason goes to the client
+            raise EmbeddError(
+                Code.UNAVAILABLE,
+                f"model {self.name!r} could not be loaded from {self.spec.source!r}: "
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+        self._loaded = True
+
+    def unload(self) -> None:
+        """Drop the weights. The registry empties the CUDA cache afterwards."""
+        if not self._loaded:
+            return
+        self._loaded = False
+        self._unload()
+
+    @abc.abstractmethod
+    def _load(self) -> None: ...
+
+    @abc.abstractmethod
+    def _unload(self) -> None: ...
+
+    # -- description -----------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """The stored vector's dimension, read from the loaded model."""
+
+    def expected_dim(self) -> int | None:
+        """The stored dimension without loading weights (e.g. from a config file), if known."""
+        return self.dim if self._loaded else None
+
+    @property
+    def device(self) -> "torch.device":
+        import torch
+
+        return torch.device(self.spec.device)
+
+    # -- work ------------------------------------------------------------
+    @abc.abstractmethod
+    def embed_audio_many(self, waveforms: Sequence[np.ndarray]) -> list[AudioEmbedding]:
+        """Embed several tracks at once, batching their windows together.
+
+        Each waveform is float32 ``[info.channels, samples]`` at ``info.sample_rate``.
+        """
+
+    def embed_text(self, text: str) -> TextEmbedding:
+        raise EmbeddError(Code.UNSUPPORTED, f"model {self.name!r} cannot embed text; use 'muq'")

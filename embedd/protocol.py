@@ -1,0 +1,322 @@
+"""Protocol v1 on the wire: frames, request schemas, responses, vectors.
+
+Everything a client can get wrong about the *shape* of a request is decided
+here, in one place, so a handler receives valid, typed arguments or never runs.
+What the arguments *mean* (does the file exist, is the model loaded) is the
+handlers' business.
+
+Frames are a 4-byte big-endian length and one msgpack map. The decoder checks
+the length before it buffers a single byte of the body, so a hostile length
+prefix costs nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgpack
+import msgspec
+import numpy as np
+
+from embedd.errors import Code, EmbeddError
+from embedd.models import MODEL_NAMES
+
+__all__ = [
+    "FrameDecoder",
+    "OP_SCHEMAS",
+    "Request",
+    "encode_frame",
+    "encode_vector",
+    "error_response",
+    "parse_request",
+    "success_response",
+]
+
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+MAX_ID_LENGTH = 256
+
+
+
+def _pack(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    """One complete frame (length prefix + msgpack map)."""
+    body = _pack(message)
+    return HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies, rejecting bad lengths up front.
+
+    Bytes are appended to one buffer and consumed through an offset that is
+    compacted once per ``feed``, so a burst of thousands of pipelined frames
+    costs linear time.
+    """
+
+    __slots__ = ("_buffer", "_max_frame")
+
+    def __init__(self, max_frame: int) -> None:
+        self._buffer = bytearray()
+        self._max_frame = max_frame
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held right now (0 between frames)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Bodies of the frames completed by ``data``; raises bad_frame on a bad length."""
+        buf = self._buffer
+        buf += data
+        bodies: list[bytes] = []
+        offset = 0
+        end = len(buf)
+        try:
+            while end - offset >= HEADER_SIZE:
+                (length,) = HEADER.unpack_from(buf, offset)
+                if length == 0 or length > self._max_frame:
+                    raise EmbeddError(
+                        Code.BAD_FRAME,
+                        f"frame length {length} is outside 1..{self._max_frame} bytes",
+                    )
+                if end - offset - HEADER_SIZE < length:
+                    break
+                start = offset + HEADER_SIZE
+                bodies.append(bytes(buf[start : start + length]))
+                offset = start + length
+        finally:
+            if offset:
+                del buf[:offset]
+        return bodies
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """The msgpack map in a frame body; bad_frame for anything else."""
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises a zoo of types for malformed input
+        raise EmbeddError(Code.BAD_FRAME, f"frame body is not one msgpack value: {type(exc).__name__}") from None
+    if not isinstance(message, dict):
+        raise EmbeddError(Code.BAD_FRAME, f"frame body is a msgpack {type(message).__name__}, not a map")
+    for key in message:
+        if not isinstance(key, str):
+            raise EmbeddError(Code.BAD_FRAME, f"frame map has a non-string key {key!r:.60}")
+    return message
+
+
+# ---------------------------------------------------------------------------
+# Request schemas. One msgspec Struct per op: unknown keys and wrong types are
+# rejected by msgspec with a message naming the argument.
+# ---------------------------------------------------------------------------
+
+ModelName = Literal["muq", "mert", "latent"]
+VectorFormat = Literal["bin", "list"]
+assert set(ModelName.__args__) == set(MODEL_NAMES)  # type: ignore[attr-defined]
+
+
+class Args(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every op's arguments."""
+
+    streaming: ClassVar[bool] = False
+
+    def check(self) -> None:
+        """Cross-argument rules msgspec cannot express; raise ValueError naming the argument."""
+
+
+class NoArgs(Args):
+    pass
+
+
+class UnloadArgs(Args):
+    model: ModelName | None = None
+
+
+class EmbedFileArgs(Args):
+    path: str | None = None
+    data: bytes | None = None
+    filename: str | None = None
+    models: Annotated[list[ModelName], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["muq"])
+    store: bool = False
+    track_id: str | None = None
+    name: str | None = None
+    vector_format: VectorFormat = "bin"
+
+    def check(self) -> None:
+        if (self.path is None) == (self.data is None):
+            raise ValueError("give exactly one of 'path' or 'data'")
+        if self.path is not None and not self.path:
+            raise ValueError("'path' is empty")
+        if self.data is not None and not self.filename:
+            raise ValueError("'data' needs 'filename'")
+        if self.path is not None and self.filename is not None:
+            raise ValueError("'filename' goes with 'data', not with 'path'")
+        if self.store and not self.track_id:
+            raise ValueError("'store': true requires 'track_id'")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("'models' lists a model twice")
+
+
+class EmbedTextArgs(Args):
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=10_000)]
+    model: ModelName = "muq"
+    vector_format: VectorFormat = "bin"
+
+    def check(self) -> None:
+        if not self.text.strip():
+            raise ValueError("'text' is blank")
+
+
+class SearchArgs(Args):
+    model: ModelName
+    vector: bytes | list[float] | None = None
+    track_id: str | None = None
+    text: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
+    exclude_track_ids: list[str] = msgspec.field(default_factory=list)
+
+    def check(self) -> None:
+        given = [k for k in ("vector", "track_id", "text") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'vector', 'track_id' or 'text'")
+        if isinstance(self.vector, bytes) and (len(self.vector) == 0 or len(self.vector) % 4):
+            raise ValueError("'vector' bin must hold a whole, non-zero number of float32 values")
+        if isinstance(self.vector, list) and not self.vector:
+            raise ValueError("'vector' is empty")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("'text' is blank")
+
+
+class BatchStartArgs(Args):
+    models: Annotated[list[ModelName], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: list(MODEL_NAMES)
+    )
+    clear_existing: bool = False
+    shard: str | None = None
+
+    def check(self) -> None:
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("'models' lists a model twice")
+
+
+class BatchWatchArgs(Args):
+    streaming: ClassVar[bool] = True
+    interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = 1.0
+
+
+class BatchFailuresArgs(Args):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+OP_SCHEMAS: dict[str, type[Args]] = {
+    "ping": NoArgs,
+    "status": NoArgs,
+    "unload": UnloadArgs,
+    "embed_file": EmbedFileArgs,
+    "embed_text": EmbedTextArgs,
+    "search": SearchArgs,
+    "batch_start": BatchStartArgs,
+    "batch_progress": NoArgs,
+    "batch_watch": BatchWatchArgs,
+    "batch_cancel": NoArgs,
+    "batch_pause": NoArgs,
+    "batch_resume": NoArgs,
+    "batch_failures": BatchFailuresArgs,
+}
+
+_NO_ARGS = NoArgs()
+
+
+class Request(msgspec.Struct, frozen=True):
+    id: int | str | None
+    op: str
+    args: Args
+
+
+def request_id(message: dict[str, Any]) -> int | str | None:
+    """The id to echo, even for a request we are about to reject; None if it is unusable."""
+    rid = message.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        return None
+    if isinstance(rid, int) and not -(2**63) <= rid < 2**64:
+        return None
+    if isinstance(rid, str) and len(rid) > MAX_ID_LENGTH:
+        return None
+    return rid
+
+
+def parse_request(message: dict[str, Any]) -> Request:
+    """Validate a decoded frame map into a Request; bad_request / unknown_op otherwise."""
+    rid = message.get("id")
+    if rid is not None and request_id(message) is None:
+        raise EmbeddError(
+            Code.BAD_REQUEST,
+            f"'id' must be an integer, a string of at most {MAX_ID_LENGTH} characters, or nil",
+        )
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise EmbeddError(Code.BAD_REQUEST, "the request has no 'op' string")
+    schema = OP_SCHEMAS.get(op)
+    if schema is None:
+        raise EmbeddError(Code.UNKNOWN_OP, f"there is no op {op[:80]!r}")
+    if len(message) == (2 if "id" in message else 1):
+        if schema is NoArgs:
+            return Request(rid, op, _NO_ARGS)  # the hot path: ping, status, progress
+        fields = {}
+    else:
+        fields = {k: v for k, v in message.items() if k != "id" and k != "op"}
+    try:
+        args = msgspec.convert(fields, schema, strict=True)
+        args.check()
+    except msgspec.ValidationError as exc:
+        raise EmbeddError(Code.BAD_REQUEST, f"{op}: {_explain(str(exc))}") from None
+    except ValueError as exc:
+        raise EmbeddError(Code.BAD_REQUEST, f"{op}: {exc}") from None
+    return Request(rid, op, args)
+
+
+def _explain(msgspec_message: str) -> str:
+    """Turn msgspec's '... - at `$.limit`' into a sentence naming the argument."""
+    text, _, where = msgspec_message.partition(" - at `$")
+    if text.startswith("Object contains unknown field "):
+        return f"unknown argument {text.removeprefix('Object contains unknown field ').strip('`')!r}"
+    if text.startswith("Object missing required field "):
+        return f"missing argument {text.removeprefix('Object missing required field ').strip('`')!r}"
+    if where:
+        path = where.rstrip("`").lstrip(".")
+        return f"argument {path!r}: {text[0].lower()}{text[1:]}"
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------
+
+
+def success_response(rid: int | str | None, result: dict[str, Any], *, more: bool | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"id": rid, "ok": True, "result": result}
+    if more is not None:
+        response["more"] = more
+    return response
+
+
+def error_response(rid: int | str | None, error: EmbeddError) -> dict[str, Any]:
+    return {"id": rid, "ok": False, "error": error.to_wire()}
+
+
+def encode_vector(vector: np.ndarray, vector_format: str) -> bytes | list[float]:
+    """A vector as the contract wants it: little-endian float32 bin, or a list of floats."""
+    flat = np.asarray(vector, dtype="<f4").reshape(-1)
+    if vector_format == "list":
+        return flat.tolist()
+    return flat.tobytes()
+
+
+def decode_vector(value: bytes | list[float]) -> np.ndarray:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return np.frombuffer(value, dtype="<f4").astype(np.float32)
+    return np.asarray(value, dtype=np.float32)
