@@ -424,6 +424,24 @@ class NavidromeLibrary:
 
     # ---- public API
 
+    async def music_roots(self) -> list[str]:
+        """The directories, as this host sees them, that hold the library's files.
+
+        embed_file may read below these; they are what the daemon's path check allows.
+        """
+        async with self._connect() as (db, schema):
+            roots = await self._roots(db, schema)
+            if schema.layout == "relative":
+                return sorted(set(roots.libraries.values()))
+            if roots.replacement is not None:
+                return [roots.replacement]
+            if roots.original is not None:
+                return [roots.original]
+            lib_paths = []
+            if schema.has_library_table:
+                lib_paths = [os.path.normpath(p) for (_, p) in await self._fetchall(db, "SELECT id, path FROM library")]
+            return sorted(set(lib_paths))
+
     async def count(self, shard: Shard | None = None) -> int:
         """Tracks present (not missing) in the library, or in one shard of it.
 

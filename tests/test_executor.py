@@ -1,0 +1,299 @@
+"""The executor thread and its model registry, in-process with a registry entry of the tests' own.
+
+The real backends have their own tests (test_models.py); here a small numpy
+model stands in so that timing-sensitive behaviour — lane priority, idle
+unloading, overload, cancellation — can be driven exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+from embedd.errors import Code, EmbeddError
+from embedd.executor import Executor, Lane, ModelRegistry
+from embedd.models import CATALOG
+from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
+
+
+class RecordingModel(EmbeddingModel):
+    """Embeds by summing; records which thread did what, and can be made slow or broken."""
+
+    info = CATALOG["muq"]
+    events: list[tuple[str, str]]
+
+    def __init__(self, spec: ModelSpec, *, delay_s: float = 0.0, fail_load: bool = False) -> None:
+        super().__init__(spec)
+        self.delay_s = delay_s
+        self.fail_load = fail_load
+        self.events = []
+        self.loads = 0
+        self.calls: list[int] = []  # how many tracks each embed_audio_many call received
+        self.threads: set[str] = set()
+        self.gate: threading.Event | None = None
+        self.entered = 0  # calls that reached the model (and maybe wait at the gate)
+
+    def _load(self) -> None:
+        self.threads.add(threading.current_thread().name)
+        if self.fail_load:
+            raise OSError("weights file is corrupt")
+        self.loads += 1
+
+    def _unload(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    @property
+    def dim(self) -> int:
+        return 3
+
+    def embed_audio_many(self, waveforms: Sequence[np.ndarray]) -> list[AudioEmbedding]:
+        self.threads.add(threading.current_thread().name)
+        self.entered += 1
+        if self.gate is not None:
+            self.gate.wait(10)
+        time.sleep(self.delay_s)
+        self.calls.append(len(waveforms))
+        out = []
+        for w in waveforms:
+            self.events.append(("audio", str(float(w.sum()))))
+            v = np.array([w.sum(), w.size, 1.0], dtype=np.float32)
+            out.append(AudioEmbedding(vector=v / np.linalg.norm(v), windows=1))
+        return out
+
+    def embed_text(self, text: str) -> TextEmbedding:
+        self.threads.add(threading.current_thread().name)
+        self.entered += 1
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.events.append(("text", text))
+        v = np.ones(3, dtype=np.float32) / np.sqrt(3)
+        return TextEmbedding(raw=v, vector=v)
+
+
+SPEC = ModelSpec(source="test", device="cpu", half=False, batch_size=4)
+
+
+def make_executor(model: RecordingModel, *, idle_s: float = 60.0, preload=(), limits=None, idle_check_s=0.05):
+    def build(device: str) -> ModelRegistry:
+        return ModelRegistry(
+            {"muq": SPEC},
+            idle_timeout_s={"muq": idle_s},
+            preload=preload,
+            factories={"muq": lambda spec: model},
+        )
+
+    return Executor(
+        build,
+        device="cpu",
+        queue_limits=limits or {Lane.INTERACTIVE: 64, Lane.BATCH: 64},
+        idle_check_s=idle_check_s,
+    )
+
+
+@pytest.fixture
+async def running():
+    started: list[Executor] = []
+
+    def start(model: RecordingModel, **kw) -> Executor:
+        ex = make_executor(model, **kw)
+        ex.start()
+        started.append(ex)
+        return ex
+
+    yield start
+    for ex in started:
+        await ex.stop()
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_model_code_runs_only_on_the_executor_thread(running):
+    model = RecordingModel(SPEC)
+    ex = running(model)
+    await ex.embed_audio(Lane.INTERACTIVE, "muq", np.ones((1, 10), np.float32))
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "hello")
+    await ex.unload("muq")
+    assert model.threads == {"embedd-executor"}
+
+
+async def test_lazy_load_idle_unload_and_reload(running):
+    model = RecordingModel(SPEC)
+    ex = running(model, idle_s=0.3)
+    assert ex.snapshot() == {} or not ex.snapshot()["muq"].loaded  # nothing loaded at start
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "a")
+    assert model.loads == 1
+    await wait_for(lambda: ex.snapshot()["muq"].loaded)
+    await wait_for(lambda: not ex.snapshot()["muq"].loaded, timeout=3)  # the timer unloaded it
+    assert not model.loaded
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "b")  # next use loads it again
+    assert model.loads == 2 and model.loaded
+
+
+async def test_use_renews_the_idle_timer(running):
+    model = RecordingModel(SPEC)
+    ex = running(model, idle_s=0.4)
+    for _ in range(8):  # 0.8 s of steady use, every 0.1 s: never idle for 0.4 s
+        await ex.embed_text(Lane.INTERACTIVE, "muq", "x")
+        await asyncio.sleep(0.1)
+    assert model.loads == 1
+
+
+async def test_preloaded_model_never_expires(running):
+    model = RecordingModel(SPEC)
+    ex = running(model, idle_s=0.1, preload=["muq"])
+    await wait_for(lambda: model.loaded)
+    await asyncio.sleep(0.5)
+    assert model.loaded and model.loads == 1
+    assert await ex.unload("muq") == ["muq"]  # an explicit unload still works
+    assert not model.loaded
+
+
+async def test_unload_op_semantics(running):
+    model = RecordingModel(SPEC)
+    ex = running(model)
+    assert await ex.unload() == []
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "x")
+    assert await ex.unload() == ["muq"]
+    assert await ex.unload("muq") == []
+
+
+async def test_interactive_work_overtakes_queued_batch_work(running):
+    model = RecordingModel(SPEC)
+    model.gate = threading.Event()  # hold the thread on the first job
+    ex = running(model)
+    first = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.full((1, 4), 100.0, np.float32)))
+    await wait_for(lambda: model.entered == 1)  # taken by the thread, blocked on the gate
+    batch = [
+        asyncio.create_task(ex.call(Lane.BATCH, lambda r, i=i: r.get("muq").embed_text(f"batch-{i}")))
+        for i in range(5)
+    ]
+    await wait_for(lambda: ex.queue_depths["batch"] == 5)
+    interactive = asyncio.create_task(ex.embed_text(Lane.INTERACTIVE, "muq", "person"))
+    await wait_for(lambda: ex.queue_depths["interactive"] == 1)
+    model.gate.set()
+    await asyncio.gather(first, interactive, *batch)
+    texts = [value for kind, value in model.events if kind == "text"]
+    assert texts[0] == "person", texts  # queued after all five batch jobs, run before them
+
+
+async def test_full_lane_answers_overloaded_at_once(running):
+    model = RecordingModel(SPEC)
+    model.gate = threading.Event()
+    ex = running(model, limits={Lane.INTERACTIVE: 2, Lane.BATCH: 1})
+    blocker = asyncio.create_task(ex.embed_text(Lane.INTERACTIVE, "muq", "running"))
+    await wait_for(lambda: model.entered == 1)
+    waiting = [asyncio.create_task(ex.embed_text(Lane.INTERACTIVE, "muq", f"w{i}")) for i in range(2)]
+    await wait_for(lambda: ex.queue_depths["interactive"] == 2)
+    started = time.perf_counter()
+    with pytest.raises(EmbeddError) as info:
+        await ex.embed_text(Lane.INTERACTIVE, "muq", "one too many")
+    assert info.value.code is Code.OVERLOADED
+    assert "interactive" in info.value.message
+    assert time.perf_counter() - started < 0.1
+    # the batch lane has its own bound
+    queued_batch = asyncio.create_task(ex.embed_text(Lane.BATCH, "muq", "b0"))
+    await wait_for(lambda: ex.queue_depths["batch"] == 1)
+    with pytest.raises(EmbeddError) as info:
+        await ex.embed_text(Lane.BATCH, "muq", "b1")
+    assert info.value.code is Code.OVERLOADED
+    model.gate.set()
+    await asyncio.gather(blocker, queued_batch, *waiting)
+    # with the queue drained, requests are accepted again
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "after")
+
+
+async def test_cancelled_request_is_dropped_before_it_reaches_the_model(running):
+    model = RecordingModel(SPEC)
+    model.gate = threading.Event()
+    ex = running(model)
+    blocker = asyncio.create_task(ex.embed_text(Lane.INTERACTIVE, "muq", "running"))
+    await wait_for(lambda: model.entered == 1)
+    gone = asyncio.create_task(ex.embed_text(Lane.INTERACTIVE, "muq", "client-gone"))
+    await wait_for(lambda: ex.queue_depths["interactive"] == 1)
+    gone.cancel()
+    await wait_for(lambda: ex.queue_depths["interactive"] == 0)
+    model.gate.set()
+    await blocker
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "later")
+    assert [v for _, v in model.events] == ["running", "later"]
+
+
+async def test_queued_audio_of_one_model_is_coalesced(running):
+    model = RecordingModel(SPEC)
+    model.gate = threading.Event()
+    ex = running(model)
+    first = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 8), np.float32)))
+    await wait_for(lambda: model.entered == 1)
+    rest = [
+        asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.full((1, 8), float(i), np.float32)))
+        for i in range(6)
+    ]
+    await wait_for(lambda: ex.queue_depths["batch"] == 6)
+    model.gate.set()
+    results = await asyncio.gather(first, *rest)
+    assert model.calls == [1, 6]  # the six queued tracks shared one call
+    for i, result in enumerate(results[1:]):  # and each got its own answer back
+        expected = np.array([8.0 * i, 8, 1], np.float32)
+        np.testing.assert_allclose(result.vector, expected / np.linalg.norm(expected), rtol=1e-6)
+
+
+async def test_failing_load_is_unavailable_and_the_executor_keeps_serving(running):
+    model = RecordingModel(SPEC, fail_load=True)
+    ex = running(model)
+    for _ in range(2):
+        with pytest.raises(EmbeddError) as info:
+            await ex.embed_text(Lane.INTERACTIVE, "muq", "x")
+        assert info.value.code is Code.UNAVAILABLE
+        assert "weights file is corrupt" in info.value.message and "muq" in info.value.message
+    assert ex.snapshot()["muq"].error
+    model.fail_load = False
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "x")  # fixed on disk: loads now
+    assert ex.snapshot()["muq"].error is None
+
+
+async def test_backend_bug_is_internal_not_a_crash(running):
+    model = RecordingModel(SPEC)
+    ex = running(model)
+
+    def broken(registry):
+        raise ZeroDivisionError("oops")
+
+    with pytest.raises(EmbeddError) as info:
+        await ex.call(Lane.INTERACTIVE, broken)
+    assert info.value.code is Code.INTERNAL and "ZeroDivisionError" in info.value.message
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "still alive")
+
+
+async def test_stop_cancels_queued_work_and_unloads(running):
+    model = RecordingModel(SPEC)
+    model.gate = threading.Event()
+    ex = running(model)
+    model.gate = None
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "load it")
+    model.gate = threading.Event()
+    blocker = asyncio.create_task(ex.embed_text(Lane.INTERACTIVE, "muq", "running"))
+    await wait_for(lambda: model.entered == 2)
+    queued = asyncio.create_task(ex.embed_text(Lane.BATCH, "muq", "queued"))
+    await wait_for(lambda: ex.queue_depths["batch"] == 1)
+    stopping = asyncio.create_task(ex.stop())
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await stopping
+    with pytest.raises(EmbeddError) as info:
+        await queued
+    assert info.value.code is Code.CANCELLED
+    assert not model.loaded
+    with pytest.raises(EmbeddError) as info:
+        await ex.embed_text(Lane.INTERACTIVE, "muq", "after stop")
+    assert info.value.code is Code.CANCELLED
