@@ -226,6 +226,7 @@ class Executor:
         self._registry: ModelRegistry | None = None
         self._snapshot: dict[str, ModelState] = {}
         self._failed: str | None = None
+        self._described = threading.Event()  # set once the thread knows every model's dims
         self.busy_since: float | None = None  # monotonic time the current job started, for the watchdog
 
     # -- lifecycle (event loop side) -----------------------------------------
@@ -255,6 +256,11 @@ class Executor:
 
     def snapshot(self) -> dict[str, ModelState]:
         return self._snapshot
+
+    async def described(self, timeout: float = 30.0) -> None:
+        """Wait (briefly, at start-up) until the thread has read every model's config."""
+        if not self._described.is_set():
+            await asyncio.to_thread(self._described.wait, timeout)
 
     # -- submitting (event loop side) -------------------------------------------
     async def call(self, lane: Lane, fn: Callable[[ModelRegistry], T]) -> T:
@@ -311,11 +317,15 @@ class Executor:
             registry = self._registry = self._registry_builder(self.device)
             for name in registry.names:
                 registry.describe(name)
+            self._snapshot = registry.snapshot()
+            self._described.set()
             registry.preload_all()
         except BaseException:
             log.exception("the executor could not start")
             self._fail_everything("the model executor could not start; see the daemon log")
             return
+        finally:
+            self._described.set()
         self._snapshot = registry.snapshot()
         next_idle_check = time.monotonic() + self._idle_check_s
         while True:

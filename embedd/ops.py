@@ -8,13 +8,30 @@ streaming handlers are async generators of ``(result, more)`` pairs.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import time
 from typing import Any, Callable
+
+import numpy as np
 
 from embedd import PROTOCOL_VERSION
 from embedd.errors import Code, EmbeddError
-from embedd.protocol import OP_SCHEMAS, NoArgs, UnloadArgs
+from embedd.executor import Lane
+from embedd.models import CATALOG
+from embedd.protocol import (
+    OP_SCHEMAS,
+    EmbedFileArgs,
+    EmbedTextArgs,
+    NoArgs,
+    SearchArgs,
+    UnloadArgs,
+    decode_vector,
+    encode_vector,
+)
 from embedd.service import Service
+from embedd.store import TrackRow
 
 __all__ = ["Handler", "build_handlers"]
 
@@ -31,29 +48,159 @@ def build_handlers(service: Service) -> dict[str, Handler]:
         return {"version": service.version, "protocol": PROTOCOL_VERSION, "uptime_s": service.uptime_s}
 
     async def status(_: NoArgs) -> dict:
+        await service.executor.described()
         return {
             "version": service.version,
             "device": service.executor.device,
             "models": service.models_view(),
-            "batch": None,
+            "batch": service.batch.progress() if service.batch is not None else None,
             "queue": service.executor.queue_depths,
-            "milvus": {"uri": service.settings.resolved_milvus_uri, "ok": False},
+            "milvus": {"uri": service.settings.resolved_milvus_uri, "ok": await service.milvus_ok()},
         }
 
     async def unload(args: UnloadArgs) -> dict:
         return {"unloaded": await service.executor.unload(args.model)}
 
+    async def embed_file(args: EmbedFileArgs) -> dict:
+        return await _embed_file(service, args)
+
+    async def embed_text(args: EmbedTextArgs) -> dict:
+        info = CATALOG[args.model]
+        if not info.text:
+            raise EmbeddError(Code.UNSUPPORTED, f"model {args.model!r} cannot embed text; use 'muq'")
+        text = await service.executor.embed_text(Lane.INTERACTIVE, args.model, args.text)
+        return {
+            "model": args.model,
+            "dim": int(text.vector.shape[-1]),
+            "vector": encode_vector(text.vector, args.vector_format),
+            "raw": encode_vector(text.raw, args.vector_format),
+        }
+
+    async def search(args: SearchArgs) -> dict:
+        await service.executor.described()
+        return await _search(service, args)
+
     handlers = {
         "ping": Handler(ping, inline=True),
         "status": Handler(status),
         "unload": Handler(unload),
+        "embed_file": Handler(embed_file),
+        "embed_text": Handler(embed_text),
+        "search": Handler(search),
     }
+    if service.batch is not None:
+        handlers.update(service.batch.handlers())
     for op, schema in OP_SCHEMAS.items():
-        handlers.setdefault(op, _not_built_yet(op, streaming=schema.streaming))
+        handlers.setdefault(op, _not_built_yet(op))
     return handlers
 
 
-def _not_built_yet(op: str, *, streaming: bool) -> Handler:
+async def _embed_file(service: Service, args: EmbedFileArgs) -> dict:
+    decoder = service.decoder
+    assert decoder is not None, "embed_file before the service started"
+    targets = {(CATALOG[m].sample_rate, CATALOG[m].channels) for m in args.models}
+    if args.path is not None:
+        audio = await decoder.decode_path(args.path, targets)
+    else:
+        audio = await decoder.decode_bytes(args.data, args.filename, targets)
+
+    async def one(model: str):
+        info = CATALOG[model]
+        return await service.executor.embed_audio(
+            Lane.INTERACTIVE, model, audio.waveform(info.sample_rate, info.channels)
+        )
+
+    embeddings = dict(zip(args.models, await asyncio.gather(*(one(m) for m in args.models)), strict=True))
+
+    if args.store:
+        path = args.path or ""
+        size, mtime = 0, 0.0
+        if args.path is not None:
+            try:
+                st = await asyncio.to_thread(os.stat, args.path)
+                size, mtime = st.st_size, st.st_mtime
+            except OSError:
+                pass
+        elif args.data is not None:
+            size = len(args.data)
+        title = args.name or os.path.splitext(os.path.basename(args.path or args.filename or ""))[0]
+        now = time.time()
+
+        def write(store) -> None:
+            for model, emb in embeddings.items():
+                service.prepare_store(store, model, int(emb.vector.shape[-1]))
+                row = TrackRow(
+                    track_id=args.track_id,
+                    vector=emb.vector,
+                    path=path,
+                    title=title,
+                    duration_s=audio.duration_s,
+                    model_id=service.settings.model_source(model),
+                    file_size=size,
+                    file_mtime=mtime,
+                    embedded_at=now,
+                )
+                store.upsert(model, [row])
+
+        await service.store_io(write)
+
+    return {
+        "duration_s": audio.duration_s,
+        "models": {
+            model: {
+                "dim": int(emb.vector.shape[-1]),
+                "windows": emb.windows,
+                "vector": encode_vector(emb.vector, args.vector_format),
+            }
+            for model, emb in embeddings.items()
+        },
+    }
+
+
+async def _search(service: Service, args: SearchArgs) -> dict:
+    model = args.model
+    if args.text is not None:
+        if not CATALOG[model].text:
+            raise EmbeddError(Code.UNSUPPORTED, f"model {model!r} cannot search by text; use 'muq'")
+        query = (await service.executor.embed_text(Lane.INTERACTIVE, model, args.text)).vector
+    elif args.vector is not None:
+        query = decode_vector(args.vector)
+    else:
+        query = None
+    # The collection is prepared for the model's own dim; a query vector of another
+    # length is then the client's mistake (bad_request from the store), not a new collection.
+    dim = service.model_dim(model)
+    track_id = args.track_id
+    exclude = list(args.exclude_track_ids)
+
+    def run(store) -> list:
+        service.prepare_store(store, model, dim)
+        vector = query
+        if vector is None:
+            vector = store.get_vector(model, track_id)
+            if vector is None:
+                raise EmbeddError(
+                    Code.NOT_FOUND, f"track {track_id!r} has no stored vector in {CATALOG[model].collection!r}"
+                )
+        return store.search(model, np.asarray(vector, dtype=np.float32), args.limit, exclude)
+
+    hits = await service.store_io(run)
+    return {
+        "hits": [
+            {
+                "track_id": h.track_id,
+                "score": float(h.score),
+                "path": h.path,
+                "title": h.title,
+                "artist": h.artist,
+                "album": h.album,
+            }
+            for h in hits
+        ]
+    }
+
+
+def _not_built_yet(op: str) -> Handler:
     async def handler(_: Any) -> dict:
         raise EmbeddError(Code.UNAVAILABLE, f"op {op!r} is not available in this build of embedd yet")
 

@@ -1,24 +1,37 @@
 """The service: every long-lived component of the daemon, built and stopped in order.
 
 The server knows sockets; the service knows what the daemon *does*. It owns the
-executor (models), and — as they land — the decoder pool, the Milvus store and
-the batch job, and it is what the op handlers talk to.
+executor (models), the decoder pool (audio), the Milvus store and its I/O
+thread, the Navidrome library and the batch job, and it is what the op handlers
+talk to. Start-up order is the dependency order; shutdown is its reverse.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
+from pathlib import Path
+from typing import Callable, TypeVar
 
 from embedd import __version__
+from embedd.audio import AudioDecoder
+from embedd.errors import Code, EmbeddError
 from embedd.executor import Executor, Lane, ModelRegistry
+from embedd.library import NavidromeLibrary
 from embedd.models import CATALOG, MODEL_NAMES
 from embedd.models.base import ModelSpec
 from embedd.settings import Settings
+from embedd.store import VectorStore
 
 __all__ = ["Service"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: How long ``status`` waits for Milvus to answer a ping before it reports it down.
+MILVUS_PING_TIMEOUT_S = 2.0
 
 
 class Service:
@@ -32,6 +45,16 @@ class Service:
             queue_limits={Lane.INTERACTIVE: settings.interactive_queue, Lane.BATCH: settings.batch_queue},
             idle_check_s=settings.idle_check_s,
         )
+        self.library: NavidromeLibrary | None = (
+            NavidromeLibrary(settings.navidrome_db, music_root=settings.music_root) if settings.navidrome_db else None
+        )
+        self.decoder: AudioDecoder | None = None
+        self.store = VectorStore(settings.resolved_milvus_uri)
+        # One thread owns the store: pymilvus clients are not shared across threads,
+        # and Milvus calls block.
+        self._store_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedd-store")
+        self._store_ready: dict[str, int] = {}  # model -> dim the store was prepared for (store thread only)
+        self.batch = None  # the batch manager, once its module lands
 
     def _build_registry(self, device: str) -> ModelRegistry:
         """Runs on the executor thread once the device is known."""
@@ -54,19 +77,67 @@ class Service:
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        s.spool_dir.mkdir(parents=True, exist_ok=True)
         self.executor.start()
+        roots = await self._allowed_roots()
+        log.info("embed_file may read below: %s", ", ".join(map(str, roots)))
+        self.decoder = AudioDecoder(roots=roots, workers=s.decode_workers, max_audio_s=s.max_audio_s)
+
+    async def _allowed_roots(self) -> list[Path]:
+        roots = [self.settings.spool_dir, *self.settings.allowed_roots]
+        if self.settings.music_root:
+            roots.append(self.settings.music_root)
+        if self.library is not None:
+            try:
+                roots.extend(Path(p) for p in await self.library.music_roots())
+            except EmbeddError as exc:
+                log.warning("cannot read the library roots from Navidrome's database: %s", exc.message)
+        unique: list[Path] = []
+        for root in roots:
+            if root not in unique:
+                unique.append(root)
+        return unique
 
     async def quiesce(self) -> None:
         """Stop taking new work that outlives a request (the batch job), keeping its state consistent."""
+        if self.batch is not None:
+            await self.batch.quiesce()
 
     async def stop(self, timeout: float) -> None:
         await self.executor.stop(timeout=timeout)
+        if self.decoder is not None:
+            await asyncio.to_thread(self.decoder.close, wait=False)
+        await asyncio.get_running_loop().run_in_executor(self._store_thread, self.store.close)
+        self._store_thread.shutdown(wait=False)
+
+    # -- the store ---------------------------------------------------------------
+    async def store_io(self, fn: Callable[[VectorStore], T]) -> T:
+        """Run ``fn(store)`` on the store's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._store_thread, fn, self.store)
+
+    def prepare_store(self, store: VectorStore, model: str, dim: int) -> None:
+        """Make the model's collection usable for ``dim``-wide vectors (store thread; cached)."""
+        if self._store_ready.get(model) != dim:
+            store.ensure(model, CATALOG[model].collection, dim)
+            self._store_ready[model] = dim
+
+    async def milvus_ok(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.store_io(lambda store: store.ping()), MILVUS_PING_TIMEOUT_S)
+        except (asyncio.TimeoutError, EmbeddError):
+            return False
 
     # -- views ---------------------------------------------------------------------
     @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_monotonic
+
+    def model_dim(self, name: str) -> int:
+        """The model's stored dim: from the loaded model or its config, else the catalogue's."""
+        state = self.executor.snapshot().get(name)
+        return state.dim if state and state.dim else CATALOG[name].nominal_dim
 
     def models_view(self) -> dict[str, dict]:
         snapshot = self.executor.snapshot()
@@ -76,7 +147,7 @@ class Service:
             view[name] = {
                 "loaded": bool(state and state.loaded),
                 "idle_s": state.idle_s if state else None,
-                "dim": (state.dim if state and state.dim else info.nominal_dim),
+                "dim": self.model_dim(name),
                 "collection": info.collection,
                 "text": info.text,
             }
@@ -84,4 +155,13 @@ class Service:
 
     def status_line(self) -> str:
         loaded = [name for name, state in self.executor.snapshot().items() if state.loaded]
-        return f"serving; models loaded: {', '.join(loaded) or 'none'}; batch: idle"
+        batch = self.batch.status_line() if self.batch is not None else "idle"
+        return f"serving; models loaded: {', '.join(loaded) or 'none'}; batch: {batch}"
+
+    def require_library(self) -> NavidromeLibrary:
+        if self.library is None:
+            raise EmbeddError(
+                Code.UNAVAILABLE,
+                "no Navidrome database is configured; set NAVIDROME_DB_PATH (or --navidrome-db)",
+            )
+        return self.library

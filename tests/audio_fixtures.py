@@ -238,3 +238,32 @@ def make_broken_fixtures(directory: Path, *, seed: int = 1234) -> dict[str, Path
         out[name] = directory / name
     out["video_only.mp4"] = make_video_only(directory / "video_only.mp4")
     return out
+
+
+def distinct_signal(index: int, rate: int = 44_100, duration_s: float = 2.0, channels: int = 2) -> np.ndarray:
+    """Audio that differs clearly from track to track: seeded noise under a chord of its own.
+
+    Format fixtures are all the same tone, which every model embeds alike; search
+    tests need tracks whose nearest neighbour is unambiguous.
+    """
+    rng = np.random.default_rng(10_000 + index)
+    n = round(rate * duration_s)
+    t = np.arange(n) / rate
+    freqs = rng.uniform(80, 4000, size=3)
+    chord = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6.3)) for f in freqs) / 3
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.2, 3) * t)
+    noise = rng.standard_normal(n) * rng.uniform(0.05, 0.4)
+    mono = (0.5 * chord * envelope + noise).astype(np.float32)
+    mono /= max(1e-6, float(np.abs(mono).max())) * 1.25
+    return np.stack([mono * (1 - 0.2 * c) for c in range(channels)])
+
+
+def make_distinct_tracks(directory: Path, count: int, *, duration_s: float = 2.0, start: int = 0) -> list[Path]:
+    """``count`` FLAC files of :func:`distinct_signal`, named track-<index>.flac."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        path = directory / f"track-{i:04d}.flac"
+        path.write_bytes(encode(distinct_signal(i, duration_s=duration_s), 44_100, container_format="flac", codec="flac"))
+        paths.append(path)
+    return paths

@@ -35,3 +35,19 @@ def shared_daemon():
     yield d
     d.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, str]:
+    """Tiny random-weight models of the real architectures (built once, cached under .cache/)."""
+    from tests.tiny_models import build_tiny_models
+
+    return build_tiny_models(REPO / ".cache" / "tiny-models")
+
+
+def model_args(models: dict[str, str]) -> list[str]:
+    """The serve flags that point a daemon at the tiny models."""
+    return ["--muq-model", models["muq"], "--mert-model", models["mert"], "--latent-model", models["latent"]]
