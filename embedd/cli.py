@@ -46,6 +46,9 @@ def _configure_logging(level: str, log_dir: Path | None) -> None:
         handlers=handlers,
         force=True,
     )
+    # Libraries that narrate their own start-up at INFO (faiss inside Milvus Lite).
+    for chatty in ("faiss", "faiss.loader"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
