@@ -372,24 +372,25 @@ class Executor:
         return []
 
     def _execute(self, registry: ModelRegistry, batch: list[_Job]) -> None:
+        outcomes: list[tuple[Any, BaseException | None]]
         try:
             if batch[0].model is None:
                 results = [batch[0].fn(registry)]
             else:
                 model = registry.get(batch[0].model)
                 results = model.embed_audio_many([job.waveform for job in batch])
+            outcomes = [(result, None) for result in results]
         except EmbeddError as exc:
-            for job in batch:
-                self._resolve(job, exc=exc)
-            return
+            outcomes = [(None, exc)] * len(batch)
         except Exception as exc:  # a bug in a backend: say so, keep serving
             log.exception("executor job failed")
             err = EmbeddError(Code.INTERNAL, f"executor job failed: {type(exc).__name__}: {exc}")
-            for job in batch:
-                self._resolve(job, exc=err)
-            return
-        for job, result in zip(batch, results, strict=True):
-            self._resolve(job, result=result)
+            outcomes = [(None, err)] * len(batch)
+        # Publish the registry's new state before anyone hears back, so a client that
+        # asks for ``status`` right after its answer sees what its request did.
+        self._snapshot = registry.snapshot()
+        for job, (result, exc) in zip(batch, outcomes, strict=True):
+            self._resolve(job, result=result, exc=exc)
 
     def _resolve(self, job: _Job, *, result: Any = None, exc: BaseException | None = None) -> None:
         loop = job.future.get_loop()
