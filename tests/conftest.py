@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tests.daemon import Daemon, short_tmpdir
+from tests.milvus_fixtures import milvus_server  # noqa: F401  (a real Milvus server, one per session)
 
 
 @pytest.fixture

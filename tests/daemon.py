@@ -120,7 +120,7 @@ class Daemon:
 
     def call(self, op: str, **args: Any) -> dict:
         """One request on a fresh connection; returns the whole response map."""
-        with self.connect() as s:
+        with self.connect(timeout=120) as s:
             send_frame(s, {"op": op, **args})
             return read_frame(s)
 
