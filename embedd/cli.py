@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from embedd import __version__
-from embedd.errors import Code, EmbeddError
+from embedd.errors import EmbeddError
 from embedd.models import MODEL_NAMES
 from embedd.settings import SettingsInvalid, add_settings_arguments, default_socket_path, settings_from_args
 
@@ -309,11 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    from embedd.client import Unreachable
+
     try:
         return asyncio.run(_run_client(args))
+    except Unreachable as exc:
+        print(f"embedd: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return 3
     except EmbeddError as exc:
         print(f"embedd: {exc.code.value}: {exc.message}", file=sys.stderr)
-        return 3 if exc.code in (Code.UNAVAILABLE, Code.FORBIDDEN) and "socket" in exc.message else 1
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -18,7 +18,11 @@ import msgpack
 from embedd.errors import Code, EmbeddError
 from embedd.protocol import HEADER, encode_frame
 
-__all__ = ["Client", "ConnectionClosed"]
+__all__ = ["Client", "ConnectionClosed", "Unreachable"]
+
+
+class Unreachable(EmbeddError):
+    """The daemon's socket could not be reached at all (no file, nobody listening, no permission)."""
 
 
 class ConnectionClosed(EmbeddError):
@@ -43,13 +47,13 @@ class Client:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=2**26), timeout)
         except FileNotFoundError:
-            raise EmbeddError(Code.UNAVAILABLE, f"no embedd socket at {str(path)!r}; is the daemon running?") from None
+            raise Unreachable(Code.UNAVAILABLE, f"no embedd socket at {str(path)!r}; is the daemon running?") from None
         except ConnectionRefusedError:
-            raise EmbeddError(Code.UNAVAILABLE, f"nothing is listening on {str(path)!r}; is the daemon running?") from None
+            raise Unreachable(Code.UNAVAILABLE, f"nothing is listening on {str(path)!r}; is the daemon running?") from None
         except PermissionError:
-            raise EmbeddError(Code.FORBIDDEN, f"no permission to connect to {str(path)!r}") from None
+            raise Unreachable(Code.FORBIDDEN, f"no permission to connect to {str(path)!r}") from None
         except asyncio.TimeoutError:
-            raise EmbeddError(Code.UNAVAILABLE, f"connecting to {str(path)!r} timed out") from None
+            raise Unreachable(Code.UNAVAILABLE, f"connecting to {str(path)!r} timed out") from None
         return cls(reader, writer)
 
     async def __aenter__(self) -> Client:

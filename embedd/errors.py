@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Code", "EmbeddError"]
+__all__ = ["Code", "EmbeddError", "StartupError"]
 
 
 class Code(str, enum.Enum):
@@ -49,3 +49,7 @@ class EmbeddError(Exception):
 
     def __repr__(self) -> str:
         return f"EmbeddError({self.code.value!r}, {self.message!r})"
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is one line for the operator."""

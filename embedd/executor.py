@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from embedd.errors import Code, EmbeddError
-from embedd.models import CATALOG, backend_class
+from embedd.models import backend_class
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
 
 __all__ = ["Executor", "Lane", "ModelRegistry", "ModelState", "resolve_device"]

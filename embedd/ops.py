@@ -9,10 +9,8 @@ streaming handlers are async generators of ``(result, more)`` pairs.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import time
-from typing import Any, Callable
 
 import numpy as np
 
@@ -23,6 +21,7 @@ from embedd.models import CATALOG
 from embedd.protocol import (
     OP_SCHEMAS,
     EmbedFileArgs,
+    Handler,
     EmbedTextArgs,
     NoArgs,
     SearchArgs,
@@ -36,13 +35,6 @@ from embedd.store import TrackRow
 __all__ = ["Handler", "build_handlers"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Handler:
-    fn: Callable[[Any], Any]
-    inline: bool = False  # synchronous and instant: answered without a task
-    streaming: bool = False  # an async generator of (result, more)
-
-
 def build_handlers(service: Service) -> dict[str, Handler]:
     def ping(_: NoArgs) -> dict:
         return {"version": service.version, "protocol": PROTOCOL_VERSION, "uptime_s": service.uptime_s}
@@ -53,7 +45,7 @@ def build_handlers(service: Service) -> dict[str, Handler]:
             "version": service.version,
             "device": service.executor.device,
             "models": service.models_view(),
-            "batch": service.batch.progress() if service.batch is not None else None,
+            "batch": service.batch.progress(),
             "queue": service.executor.queue_depths,
             "milvus": {"uri": service.settings.resolved_milvus_uri, "ok": await service.milvus_ok()},
         }
@@ -88,10 +80,9 @@ def build_handlers(service: Service) -> dict[str, Handler]:
         "embed_text": Handler(embed_text),
         "search": Handler(search),
     }
-    if service.batch is not None:
-        handlers.update(service.batch.handlers())
-    for op, schema in OP_SCHEMAS.items():
-        handlers.setdefault(op, _not_built_yet(op))
+    handlers.update(service.batch.handlers())
+    missing = set(OP_SCHEMAS) - set(handlers)
+    assert not missing, f"ops without a handler: {sorted(missing)}"  # a bug, caught at start-up
     return handlers
 
 
@@ -198,10 +189,3 @@ async def _search(service: Service, args: SearchArgs) -> dict:
             for h in hits
         ]
     }
-
-
-def _not_built_yet(op: str) -> Handler:
-    async def handler(_: Any) -> dict:
-        raise EmbeddError(Code.UNAVAILABLE, f"op {op!r} is not available in this build of embedd yet")
-
-    return Handler(handler)

@@ -12,8 +12,9 @@ prefix costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import msgpack
 import msgspec
@@ -24,6 +25,7 @@ from embedd.models import MODEL_NAMES
 
 __all__ = [
     "FrameDecoder",
+    "Handler",
     "OP_SCHEMAS",
     "Request",
     "encode_frame",
@@ -99,7 +101,9 @@ def decode_body(body: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True)
     except Exception as exc:  # msgpack raises a zoo of types for malformed input
-        raise EmbeddError(Code.BAD_FRAME, f"frame body is not one msgpack value: {type(exc).__name__}") from None
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        detail = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+        raise EmbeddError(Code.BAD_FRAME, f"frame body is not one msgpack value ({detail})") from None
     if not isinstance(message, dict):
         raise EmbeddError(Code.BAD_FRAME, f"frame body is a msgpack {type(message).__name__}, not a map")
     for key in message:
@@ -229,6 +233,15 @@ OP_SCHEMAS: dict[str, type[Args]] = {
 }
 
 _NO_ARGS = NoArgs()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Handler:
+    """How the server runs an op: the function, and whether it is instant or streams."""
+
+    fn: Callable[[Any], Any]
+    inline: bool = False  # synchronous and instant: answered without a task
+    streaming: bool = False  # an async generator of (result, more)
 
 
 class Request(msgspec.Struct, frozen=True):

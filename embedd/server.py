@@ -30,10 +30,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from embedd.errors import Code, EmbeddError
-from embedd.ops import Handler, build_handlers
+from embedd.errors import Code, EmbeddError, StartupError
+from embedd.ops import build_handlers
 from embedd.protocol import (
     FrameDecoder,
+    Handler,
     decode_body,
     encode_frame,
     error_response,
@@ -50,10 +51,6 @@ __all__ = ["Server", "StartupError"]
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 2.0
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message is one line for the operator."""
 
 
 # ---------------------------------------------------------------------------

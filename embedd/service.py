@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
+import fcntl
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from embedd import __version__
 from embedd.audio import AudioDecoder
-from embedd.errors import Code, EmbeddError
+from embedd.batch.pipeline import BatchManager
+from embedd.errors import Code, EmbeddError, StartupError
 from embedd.executor import Executor, Lane, ModelRegistry
 from embedd.library import NavidromeLibrary
 from embedd.models import CATALOG, MODEL_NAMES
@@ -54,7 +58,8 @@ class Service:
         # and Milvus calls block.
         self._store_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedd-store")
         self._store_ready: dict[str, int] = {}  # model -> dim the store was prepared for (store thread only)
-        self.batch = None  # the batch manager, once its module lands
+        self._data_lock: int | None = None
+        self.batch = BatchManager(self)
 
     def _build_registry(self, device: str) -> ModelRegistry:
         """Runs on the executor thread once the device is known."""
@@ -78,12 +83,32 @@ class Service:
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        s.spool_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+            s.spool_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create the data directory {str(s.data_dir)!r}: {exc.strerror}") from None
+        self._lock_data_dir()
         self.executor.start()
         roots = await self._allowed_roots()
         log.info("embed_file may read below: %s", ", ".join(map(str, roots)))
         self.decoder = AudioDecoder(roots=roots, workers=s.decode_workers, max_audio_s=s.max_audio_s)
+        await self.batch.start_up()  # resumes an interrupted batch job
+
+    def _lock_data_dir(self) -> None:
+        """One daemon per data directory: two would share one Milvus Lite file and one job state."""
+        path = self.settings.data_dir / "embedd.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StartupError(
+                    f"another embedd daemon is already using the data directory {str(self.settings.data_dir)!r}"
+                ) from None
+            raise
+        self._data_lock = fd
 
     async def _allowed_roots(self) -> list[Path]:
         roots = [self.settings.spool_dir, *self.settings.allowed_roots]
@@ -102,8 +127,7 @@ class Service:
 
     async def quiesce(self) -> None:
         """Stop taking new work that outlives a request (the batch job), keeping its state consistent."""
-        if self.batch is not None:
-            await self.batch.quiesce()
+        await self.batch.quiesce()
 
     async def stop(self, timeout: float) -> None:
         await self.executor.stop(timeout=timeout)
@@ -111,6 +135,9 @@ class Service:
             await asyncio.to_thread(self.decoder.close, wait=False)
         await asyncio.get_running_loop().run_in_executor(self._store_thread, self.store.close)
         self._store_thread.shutdown(wait=False)
+        if self._data_lock is not None:
+            os.close(self._data_lock)
+            self._data_lock = None
 
     # -- the store ---------------------------------------------------------------
     async def store_io(self, fn: Callable[[VectorStore], T]) -> T:
@@ -155,7 +182,7 @@ class Service:
 
     def status_line(self) -> str:
         loaded = [name for name, state in self.executor.snapshot().items() if state.loaded]
-        batch = self.batch.status_line() if self.batch is not None else "idle"
+        batch = self.batch.status_line()
         return f"serving; models loaded: {', '.join(loaded) or 'none'}; batch: {batch}"
 
     def require_library(self) -> NavidromeLibrary:

@@ -409,7 +409,8 @@ def build_settings(cli: dict[str, Any] | None = None, config_file: Path | None =
         where = _field_names(field) if field in Settings.model_fields else field
         value = err.get("input")
         shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
-        raise SettingsInvalid(f"invalid setting {where}: {err['msg']}{shown}") from None
+        reason = err["msg"].removeprefix("Value error, ")
+        raise SettingsInvalid(f"invalid setting {where}: {reason}{shown}") from None
     except SettingsError as exc:
         raise SettingsInvalid(f"invalid settings: {exc}") from None
 

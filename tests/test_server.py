@@ -15,8 +15,7 @@ import msgpack
 import pytest
 
 from embedd.client import Client
-from embedd.errors import EmbeddError
-from tests.daemon import Daemon, frame, is_closed, read_frame, recv_exactly, send_frame
+from tests.daemon import Daemon, frame, is_closed, read_frame, send_frame
 
 
 # -- framing errors: one error frame with id nil, then the connection closes ------------
@@ -378,9 +377,13 @@ async def test_client_disconnect_mid_request_costs_nothing(shared_daemon):
         await client.close()
 
 
-async def test_ops_not_built_answer_unavailable_not_fake_success(shared_daemon):
-    # Until their handlers land, these ops must say so instead of pretending.
-    async with await Client.connect(shared_daemon.socket) as client:
-        with pytest.raises(EmbeddError) as info:
-            await client.call("batch_progress")
-        assert info.value.code.value == "unavailable"
+def test_two_daemons_may_not_share_a_data_directory(daemon, sock_dir):
+    other = subprocess.run(
+        [sys.executable, "-m", "embedd", "serve", "--socket", str(sock_dir / "other.sock"),
+         "--data-dir", str(daemon.data_dir)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "EMBEDD_DEVICE": "cpu"},
+    )
+    assert other.returncode == 1
+    assert "data directory" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+    assert not (sock_dir / "other.sock").exists(), "the refused daemon must clean up its socket"
+    assert daemon.call("ping")["ok"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from pydantic import ValidationError
 
 from embedd.settings import Settings, SettingsInvalid, add_settings_arguments, build_settings, settings_from_args
 
@@ -127,5 +128,5 @@ def test_every_setting_has_a_flag_with_help():
 
 def test_settings_are_frozen():
     s = build_settings()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         s.batch_size = 2  # type: ignore[misc]

@@ -76,11 +76,12 @@ class EmbeddingModel(abc.ABC):
             self._load()
         except EmbeddError:
             raise
-        except Exception as exc:  # the loader's own reason goes to the client
+        except Exception as exc:  # the loader's own reason goes to the client, as one line
+            reason = (str(exc).strip().splitlines() or [""])[0]
             raise EmbeddError(
                 Code.UNAVAILABLE,
                 f"model {self.name!r} could not be loaded from {self.spec.source!r}: "
-                f"{type(exc).__name__}: {exc}",
+                f"{type(exc).__name__}: {reason}",
             ) from exc
         self._loaded = True
 

@@ -1,0 +1,216 @@
+package embedd
+
+// Model names of protocol v1.
+const (
+	ModelMuQ    = "muq"
+	ModelMERT   = "mert"
+	ModelLatent = "latent"
+)
+
+// Vector formats a request may ask for. The client decodes both; the
+// default (bin) is four times smaller on the wire.
+const (
+	VectorFormatBin  = "bin"
+	VectorFormatList = "list"
+)
+
+// PingResult is the answer to ping.
+type PingResult struct {
+	Version  string  `msgpack:"version"`
+	Protocol int     `msgpack:"protocol"`
+	UptimeS  float64 `msgpack:"uptime_s"`
+}
+
+// ModelStatus describes one model in Status.
+type ModelStatus struct {
+	Loaded     bool     `msgpack:"loaded"`
+	IdleS      *float64 `msgpack:"idle_s"` // nil when not loaded
+	Dim        int      `msgpack:"dim"`
+	Collection string   `msgpack:"collection"`
+	Text       bool     `msgpack:"text"`
+}
+
+// QueueStatus is the depth of the daemon's work queues.
+type QueueStatus struct {
+	Interactive int `msgpack:"interactive"`
+	Batch       int `msgpack:"batch"`
+}
+
+// MilvusStatus says which vector store the daemon uses and whether it answers.
+type MilvusStatus struct {
+	URI string `msgpack:"uri"`
+	OK  bool   `msgpack:"ok"`
+}
+
+// StatusResult is the answer to status.
+type StatusResult struct {
+	Version string                 `msgpack:"version"`
+	Device  string                 `msgpack:"device"`
+	Models  map[string]ModelStatus `msgpack:"models"`
+	Batch   *Progress              `msgpack:"batch"` // nil when no job has run
+	Queue   QueueStatus            `msgpack:"queue"`
+	Milvus  MilvusStatus           `msgpack:"milvus"`
+}
+
+// EmbedFileRequest asks for the embeddings of one audio file. Give exactly
+// one of Path (a file the daemon reads itself) or Data with Filename (bytes
+// uploaded in the request).
+type EmbedFileRequest struct {
+	Path     string
+	Data     []byte
+	Filename string
+	// Models defaults to ["muq"] on the daemon when empty.
+	Models []string
+	// Store upserts the result into each model's collection; it needs TrackID.
+	Store   bool
+	TrackID string
+	// Name is an optional display name for logs and stored metadata.
+	Name string
+	// VectorFormat is "" (the daemon's default, bin) or one of VectorFormat*.
+	VectorFormat string
+}
+
+// ModelEmbedding is one model's result for a file.
+type ModelEmbedding struct {
+	Dim     int    `msgpack:"dim"`
+	Windows int    `msgpack:"windows"`
+	Vector  Vector `msgpack:"vector"`
+}
+
+// EmbedFileResult is the answer to embed_file.
+type EmbedFileResult struct {
+	DurationS float64                   `msgpack:"duration_s"`
+	Models    map[string]ModelEmbedding `msgpack:"models"`
+}
+
+// EmbedTextRequest asks for a text query's embedding.
+type EmbedTextRequest struct {
+	Text string
+	// Model defaults to "muq" on the daemon when empty.
+	Model        string
+	VectorFormat string
+}
+
+// EmbedTextResult is the answer to embed_text. Vector is laid out in the
+// stored collection's dimension, ready for Search; Raw is the model's
+// joint-space text embedding.
+type EmbedTextResult struct {
+	Model  string `msgpack:"model"`
+	Dim    int    `msgpack:"dim"`
+	Vector Vector `msgpack:"vector"`
+	Raw    Vector `msgpack:"raw"`
+}
+
+// SearchRequest finds the tracks nearest to a query. Model is required;
+// give exactly one of Vector, TrackID or Text.
+type SearchRequest struct {
+	Model   string
+	Vector  []float32
+	TrackID string
+	Text    string
+	// Limit defaults to 20 on the daemon when 0; the daemon accepts 1..1000.
+	Limit           int
+	ExcludeTrackIDs []string
+}
+
+// Hit is one search result.
+type Hit struct {
+	TrackID string  `msgpack:"track_id"`
+	Score   float64 `msgpack:"score"`
+	Path    string  `msgpack:"path"`
+	Title   string  `msgpack:"title"`
+	Artist  string  `msgpack:"artist"`
+	Album   string  `msgpack:"album"`
+}
+
+// SearchResult is the answer to search, best hit first.
+type SearchResult struct {
+	Hits []Hit `msgpack:"hits"`
+}
+
+// BatchStartRequest starts embedding the library.
+type BatchStartRequest struct {
+	// Models defaults to all three on the daemon when empty.
+	Models []string
+	// ClearExisting re-embeds every track instead of only new or changed ones.
+	ClearExisting bool
+	// Shard is "" or "i/n": embed only the tracks in shard i of n.
+	Shard string
+}
+
+// BatchStartResult is the answer to batch_start.
+type BatchStartResult struct {
+	JobID       string `msgpack:"job_id"`
+	TotalTracks int    `msgpack:"total_tracks"`
+}
+
+// Batch job statuses.
+const (
+	StatusIdle                = "idle"
+	StatusRunning             = "running"
+	StatusPaused              = "paused"
+	StatusCancelling          = "cancelling"
+	StatusCompleted           = "completed"
+	StatusCompletedWithErrors = "completed_with_errors"
+	StatusFailed              = "failed"
+	StatusCancelled           = "cancelled"
+)
+
+// Progress is the progress map of a batch job. Nil on the wire becomes ""
+// for strings and nil for the optional times.
+type Progress struct {
+	JobID               string   `msgpack:"job_id"`
+	Status              string   `msgpack:"status"`
+	Models              []string `msgpack:"models"`
+	TotalTracks         int      `msgpack:"total_tracks"`
+	ProcessedTracks     int      `msgpack:"processed_tracks"`
+	FailedTracks        int      `msgpack:"failed_tracks"`
+	SkippedTracks       int      `msgpack:"skipped_tracks"`
+	CurrentTrack        string   `msgpack:"current_track"`
+	ProgressPercent     float64  `msgpack:"progress_percent"`
+	StartedAt           *float64 `msgpack:"started_at"`
+	EstimatedCompletion *float64 `msgpack:"estimated_completion"`
+	RateTracksPerS      *float64 `msgpack:"rate_tracks_per_s"`
+}
+
+// Final reports whether the job has stopped for good (it will not change
+// again without a new batch_start).
+func (p *Progress) Final() bool {
+	switch p.Status {
+	case StatusCompleted, StatusCompletedWithErrors, StatusFailed, StatusCancelled:
+		return true
+	}
+	return false
+}
+
+// BatchCancelResult is the answer to batch_cancel.
+type BatchCancelResult struct {
+	Status string `msgpack:"status"`
+}
+
+// BatchFailuresRequest pages through the latest job's failures. Zero values
+// take the daemon's defaults (limit 100, offset 0).
+type BatchFailuresRequest struct {
+	Limit  int
+	Offset int
+}
+
+// Failure is one track a batch job could not embed.
+type Failure struct {
+	TrackID string `msgpack:"track_id"`
+	Path    string `msgpack:"path"`
+	Model   string `msgpack:"model"`
+	Code    Code   `msgpack:"code"`
+	Message string `msgpack:"message"`
+}
+
+// BatchFailuresResult is the answer to batch_failures.
+type BatchFailuresResult struct {
+	Total    int       `msgpack:"total"`
+	Failures []Failure `msgpack:"failures"`
+}
+
+// UnloadResult is the answer to unload.
+type UnloadResult struct {
+	Unloaded []string `msgpack:"unloaded"`
+}

@@ -1,0 +1,289 @@
+"""The batch job against a real daemon process: tiny real models, generated audio, a Navidrome DB, Milvus.
+
+Row counts are read from the Milvus Lite file after the daemon stopped (Milvus
+Lite admits one process per file), duplicates by listing every stored id.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.batch_fixtures import BatchDaemon, Library, collection_counts, fingerprints, stored_ids
+from tests.daemon import read_frame, send_frame, short_tmpdir
+from tests.tiny_models import build_tiny_models
+
+MODELS = ["muq", "mert", "latent"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture
+def root():
+    d = short_tmpdir("eb-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _dims(d: BatchDaemon) -> dict[str, int]:
+    return {m: v["dim"] for m, v in d.ok("status")["models"].items()}
+
+
+def _uri(d: BatchDaemon) -> str:
+    return str(d.data_dir / "milvus.db")
+
+
+def _watch(d: BatchDaemon, interval_s: float = 0.2, timeout: float = 90.0) -> list[dict]:
+    """batch_watch frames until more: false."""
+    frames = []
+    with d.connect(timeout=timeout) as s:
+        send_frame(s, {"op": "batch_watch", "id": 7, "interval_s": interval_s})
+        while True:
+            f = read_frame(s)
+            assert f["ok"] and f["id"] == 7, f
+            frames.append(f)
+            if not f.get("more"):
+                return frames
+
+
+def test_full_job_then_incremental_then_cancelled_rebuild(root: Path, models):
+    lib = Library(root / "lib", "relative")
+    good = lib.add_good(45)
+    broken = lib.add_broken()  # 5 undecodable files + 1 row whose file is gone
+    d = BatchDaemon(root / "d", lib, models, extra=["--checkpoint-every", "10"])
+    d.start()
+    try:
+        # -- a full job over ~50 tracks x 3 models
+        started = d.ok("batch_start")
+        assert started["total_tracks"] == len(good) + len(broken)
+        busy = d.call("batch_start")
+        assert not busy["ok"] and busy["error"]["code"] == "busy"
+        frames = _watch(d)
+        final = frames[-1]["result"]
+        assert frames[-1]["more"] is False and all(f["more"] for f in frames[:-1])
+        assert final["status"] == "completed_with_errors", final
+        assert final["job_id"] == started["job_id"] and final["models"] == MODELS
+        assert (final["processed_tracks"], final["failed_tracks"], final["skipped_tracks"]) == (45, 6, 0)
+        assert final["progress_percent"] == 100.0
+        seen_running = [f["result"] for f in frames if f["result"]["status"] == "running"]
+        assert any(p["current_track"] and " - " in p["current_track"] for p in seen_running)
+        failures = d.ok("batch_failures", limit=1000)
+        assert failures["total"] == 6 * 3
+        by_track = {}
+        for f in failures["failures"]:
+            by_track.setdefault(f["track_id"], set()).add(f["model"])
+            assert f["code"] in ("decode_error", "not_found"), f
+            assert f["path"] and f["message"]
+        assert set(by_track) == {t.track_id for t in broken}
+        assert all(ms == set(MODELS) for ms in by_track.values())
+        codes = {f["track_id"]: f["code"] for f in failures["failures"]}
+        assert codes[broken[-1].track_id] == "not_found"  # the vanished file
+        page = d.ok("batch_failures", limit=4, offset=2)
+        assert page["total"] == 18 and len(page["failures"]) == 4
+
+        # -- incremental: 3 new files, 2 changed, 2 gone (deleted row, row marked missing)
+        added = lib.add_good(3)
+        changed = [lib.change(good[0]), lib.change(good[1])]
+        lib.delete(good[2])
+        lib.db.mark_missing(good[3])
+        d.ok("batch_start")
+        p = d.wait_final()
+        assert p["status"] == "completed_with_errors", p  # the broken files fail again
+        assert p["total_tracks"] == 45 + 3 - 2 + 6
+        assert (p["processed_tracks"], p["failed_tracks"], p["skipped_tracks"]) == (5, 6, 45 - 4), p
+
+        # -- a clear_existing rebuild cancelled halfway leaves the complete old set answering
+        d.ok("batch_start", clear_existing=True)
+        d.wait_for(lambda p: p["processed_tracks"] >= 8)
+        assert d.ok("batch_cancel") == {"status": "cancelling"}
+        p = d.wait_final(30)
+        assert p["status"] == "cancelled" and p["processed_tracks"] < 46, p
+        probe = good[10].track_id
+        hits = d.ok("search", model="mert", track_id=probe, limit=1000)["hits"]
+        assert len(hits) == 46 and hits[0]["track_id"] == probe
+        assert len(d.ok("search", model="muq", text="calm piano", limit=1000)["hits"]) == 46
+        dims = _dims(d)
+    finally:
+        d.stop()
+
+    expected = {t.track_id for t in good[4:]} | {t.track_id for t in added} | {c.track_id for c in changed}
+    ids = stored_ids(_uri(d), dims)
+    for model in MODELS:
+        assert sorted(ids[model]) == sorted(expected), model  # no duplicates, deleted ones gone
+    fps = fingerprints(_uri(d), dims)
+    for c in changed:
+        assert fps["latent"][c.track_id][0] == c.size
+    from embedd.models import CATALOG
+    from embedd.store import VectorStore
+
+    store = VectorStore(_uri(d))
+    try:
+        for model, dim in dims.items():
+            store.ensure(model, CATALOG[model].collection, dim)
+            assert store.list_rebuilds(model) == []  # the cancelled rebuild's collections were dropped
+    finally:
+        store.close()
+
+
+def test_absolute_layout_shards_and_one_model_at_a_time(root: Path, models):
+    lib = Library(root / "lib", "absolute", navidrome_root="/srv/navidrome/music")
+    tracks = lib.add_good(14)
+    d = BatchDaemon(root / "d", lib, models, extra=["--batch-one-model-at-a-time"])
+    d.start()
+    try:
+        # nothing has run: idle, and nothing to act on
+        frames = _watch(d)
+        assert len(frames) == 1 and frames[0]["result"]["status"] == "idle" and frames[0]["more"] is False
+        for op in ("batch_cancel", "batch_pause", "batch_resume"):
+            r = d.call(op)
+            assert not r["ok"] and r["error"]["code"] == "not_found", (op, r)
+        assert d.ok("batch_failures") == {"total": 0, "failures": []}
+        bad = d.call("batch_start", shard="2/2")
+        assert not bad["ok"] and bad["error"]["code"] == "bad_request"
+
+        totals = {}
+        for shard in ("0/2", "1/2"):
+            totals[shard] = d.ok("batch_start", shard=shard, models=["muq", "latent"])["total_tracks"]
+            p = d.wait_final()
+            assert p["status"] == "completed" and p["processed_tracks"] == totals[shard], p
+        assert sum(totals.values()) == 14 and all(totals.values())
+        dims = _dims(d)
+        # a track that left the library is removed only by its own shard's job
+        from embedd.library import shard_of
+
+        gone = {shard_of(t.track_id, 2): t for t in tracks}
+        for t in gone.values():
+            lib.delete(t)
+        d.ok("batch_start", shard="0/2", models=["muq", "latent"])
+        p = d.wait_final()
+        assert p["status"] == "completed" and p["skipped_tracks"] == totals["0/2"] - 1, p
+    finally:
+        d.stop()
+    dims = {m: dims[m] for m in ("muq", "latent")}
+    ids = stored_ids(_uri(d), dims)
+    for model in dims:
+        assert gone[0].track_id not in ids[model] and gone[1].track_id in ids[model]
+        assert len(ids[model]) == len(set(ids[model])) == 13
+
+
+def test_pause_resume_cancel_and_interactive_latency(root: Path, models):
+    lib = Library(root / "lib")
+    lib.add_good(240, rows_per_file=10, duration_s=3.0)
+    d = BatchDaemon(root / "d", lib, models, extra=["--checkpoint-every", "10"])
+    d.start()
+    try:
+        d.ok("batch_start")
+        d.wait_for(lambda p: p["processed_tracks"] >= 10)
+        # interactive requests overtake the job
+        text_s, progress_s = [], []
+        for _ in range(8):
+            t = time.perf_counter()
+            d.ok("embed_text", text="calm piano")
+            text_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            p = d.progress()
+            progress_s.append(time.perf_counter() - t)
+            assert p["status"] == "running"
+            time.sleep(0.1)
+        assert statistics.median(text_s) < 0.5 and max(text_s) < 2.0, text_s
+        assert statistics.median(progress_s) < 0.1 and max(progress_s) < 0.5, progress_s
+        assert d.progress()["rate_tracks_per_s"] > 0 and d.progress()["estimated_completion"] > time.time()
+
+        paused = d.ok("batch_pause")
+        assert paused["status"] == "paused" and paused["processed_tracks"] < 240
+        assert not any(m["loaded"] for m in d.ok("status")["models"].values())
+        time.sleep(1.0)
+        assert d.progress() == paused  # nothing moves while paused
+        assert d.call("batch_start")["error"]["code"] == "busy"
+        assert d.ok("batch_resume")["status"] == "running"
+        d.wait_for(lambda p: p["processed_tracks"] >= paused["processed_tracks"] + 10)
+
+        at_cancel = d.ok("batch_cancel")
+        assert at_cancel == {"status": "cancelling"}
+        t = time.monotonic()
+        p = d.wait_final(30)
+        assert p["status"] == "cancelled" and time.monotonic() - t < 10, p
+        assert p["processed_tracks"] < 240
+        for op in ("batch_cancel", "batch_pause", "batch_resume"):
+            assert d.call(op)["error"]["code"] == "not_found"
+
+        # what the cancelled job stored stays; an incremental job does the rest
+        d.ok("batch_start")
+        p2 = d.wait_final(120)
+        assert p2["status"] == "completed", p2
+        assert p2["processed_tracks"] + p2["skipped_tracks"] == 240
+        assert p2["skipped_tracks"] >= p["processed_tracks"]
+        dims = _dims(d)
+    finally:
+        d.stop()
+    assert collection_counts(_uri(d), dims) == {m: 240 for m in MODELS}
+
+
+def test_sigkill_mid_job_resumes_by_itself_exactly_once(root: Path, models):
+    lib = Library(root / "lib")
+    lib.add_good(120, rows_per_file=10, duration_s=2.0)
+    lib.add_broken()
+    d = BatchDaemon(root / "d", lib, models, extra=["--checkpoint-every", "7"])
+    d.start()
+    try:
+        job = d.ok("batch_start")["job_id"]
+        before = d.wait_for(lambda p: p["processed_tracks"] >= 30)
+        d.kill()
+        d.start()
+        p = d.progress()
+        assert p["job_id"] == job and p["status"] == "running", p
+        assert p["processed_tracks"] <= before["processed_tracks"] + 40  # only checkpointed work survived
+        p = d.wait_final(120)
+        assert p["status"] == "completed_with_errors", p
+        assert (p["processed_tracks"], p["failed_tracks"]) == (120, 6), p
+        assert d.ok("batch_failures")["total"] == 18
+        dims = _dims(d)
+    finally:
+        d.stop()
+    ids = stored_ids(_uri(d), dims)
+    for model in MODELS:
+        assert len(ids[model]) == len(set(ids[model])) == 120, model
+
+
+@pytest.mark.slow
+def test_milvus_server_outage_mid_job(root: Path, models, request):
+    try:
+        from tests.milvus_fixtures import MilvusServer
+    except ImportError:  # pragma: no cover
+        pytest.skip("tests/milvus_fixtures.py is missing")
+    server = MilvusServer(root / "milvus")
+    server.start()
+    try:
+        lib = Library(root / "lib")
+        lib.add_good(80, rows_per_file=10, duration_s=2.0)
+        d = BatchDaemon(
+            root / "d", lib, models, extra=["--checkpoint-every", "5", "--milvus-retry-s", "240"],
+            milvus_uri=server.uri,
+        )  # fmt: skip
+        d.start()
+        try:
+            d.ok("batch_start", models=["muq", "latent"])
+            d.wait_for(lambda p: p["processed_tracks"] >= 10, timeout=120)
+            server.stop()
+            stalled = d.wait_for(lambda p: True)
+            time.sleep(6)
+            p = d.progress()
+            assert p["status"] == "running", p
+            assert p["processed_tracks"] <= stalled["processed_tracks"] + 40
+            server.start()
+            p = d.wait_final(240)
+            assert p["status"] == "completed" and p["processed_tracks"] == 80, p
+            dims = _dims(d)
+        finally:
+            d.stop()
+        counts = collection_counts(server.uri, {m: dims[m] for m in ("muq", "latent")})
+        assert counts == {"muq": 80, "latent": 80}
+    finally:
+        server.stop()
