@@ -165,7 +165,7 @@ async def _search(service: Service, args: SearchArgs) -> dict:
     exclude = list(args.exclude_track_ids)
 
     def run(store) -> list:
-        service.prepare_store(store, model, dim)
+        service.prepare_store(store, model, dim, any_dim=query is None)
         vector = query
         if vector is None:
             vector = store.get_vector(model, track_id)

@@ -57,7 +57,7 @@ class Service:
         # One thread owns the store: pymilvus clients are not shared across threads,
         # and Milvus calls block.
         self._store_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedd-store")
-        self._store_ready: dict[str, int] = {}  # model -> dim the store was prepared for (store thread only)
+        self._store_ready: set[tuple[str, int, bool]] = set()  # prepare_store calls done (store thread only)
         self._data_lock: int | None = None
         self.batch = BatchManager(self)
 
@@ -144,11 +144,18 @@ class Service:
         """Run ``fn(store)`` on the store's own thread."""
         return await asyncio.get_running_loop().run_in_executor(self._store_thread, fn, self.store)
 
-    def prepare_store(self, store: VectorStore, model: str, dim: int) -> None:
-        """Make the model's collection usable for ``dim``-wide vectors (store thread; cached)."""
-        if self._store_ready.get(model) != dim:
-            store.ensure(model, CATALOG[model].collection, dim)
-            self._store_ready[model] = dim
+    def prepare_store(self, store: VectorStore, model: str, dim: int, *, any_dim: bool = False) -> None:
+        """Make the model's collection usable for ``dim``-wide vectors (store thread; cached).
+
+        ``any_dim``: open the live set whatever width it holds. A clear_existing job
+        needs this when new weights changed the width (the old set stays live until
+        the rebuild commits), and so does a search by stored track, which takes its
+        query vector from that same set.
+        """
+        key = (model, dim, any_dim)
+        if key not in self._store_ready:
+            store.ensure(model, CATALOG[model].collection, dim, for_rebuild=any_dim)
+            self._store_ready.add(key)
 
     async def milvus_ok(self) -> bool:
         try:

@@ -474,13 +474,15 @@ class VectorStore:
         self._call(f"load {physical}", lambda c: c.load_collection(physical, timeout=max(self.timeout_s, 60)))
         return layout
 
-    def ensure(self, model: str, collection: str, dim: int) -> None:
+    def ensure(self, model: str, collection: str, dim: int, *, for_rebuild: bool = False) -> None:
         """Make ``collection`` (the public alias) usable for ``model``'s ``dim``-wide vectors.
 
         Idempotent; migrates a pre-existing real collection of that name (module
         docstring). A collection holding vectors of another dim raises
         ``UNAVAILABLE``: those vectors came from another model, and only a
-        ``clear_existing`` rebuild (which may be started) can replace them.
+        ``clear_existing`` rebuild can replace them. That rebuild passes
+        ``for_rebuild=True``: the old set is then opened as it is (it keeps
+        answering searches by stored track) and the rebuild gets the new dim.
         """
         names = self._list()
         physical = self._alias_target(collection, names)
@@ -500,14 +502,16 @@ class VectorStore:
                 f"create alias {collection}", lambda c: c.create_alias(physical, collection, timeout=self.timeout_s)
             )
         layout = self._open(physical)
-        if layout.dim != dim:
-            self._models.pop(model, None)
+        # The live set stays registered even when its width is wrong for this model:
+        # searches by stored track and an open rebuild still use it, and every write
+        # checks the vector's width anyway.
+        self._models[model] = _Model(name=model, public=collection, layout=layout)
+        if layout.dim != dim and not for_rebuild:
             raise EmbeddError(
                 Code.UNAVAILABLE,
                 f"Milvus collection {collection} holds {layout.dim}-dim vectors but model {model} produces "
                 f"{dim}-dim ones; run a clear_existing batch to rebuild it.",
             )
-        self._models[model] = _Model(name=model, public=collection, layout=layout)
 
     def _migrate(self, model: str, public: str, dim: int) -> str:
         """Turn a real collection named ``public`` into ``<public>__legacy`` behind the alias ``public``."""

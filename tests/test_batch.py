@@ -15,14 +15,14 @@ import pytest
 
 from tests.batch_fixtures import BatchDaemon, Library, collection_counts, fingerprints, stored_ids
 from tests.daemon import read_frame, send_frame, short_tmpdir
-from tests.tiny_models import build_tiny_models
+from tests.tiny_models import PRESETS, _build_mert
 
 MODELS = ["muq", "mert", "latent"]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+def models(tiny_models) -> dict[str, str]:
+    return tiny_models
 
 
 @pytest.fixture
@@ -287,3 +287,41 @@ def test_milvus_server_outage_mid_job(root: Path, models, request):
         assert counts == {"muq": 80, "latent": 80}
     finally:
         server.stop()
+
+
+def test_new_weights_of_another_width_are_replaced_by_a_rebuild(root: Path, models):
+    """Swapping in a model whose vectors are wider: an incremental job refuses, a rebuild replaces the set."""
+    wide = dict(PRESETS["tiny"], mert_hidden=48, mert_heads=2, mert_intermediate=96)
+    wide_dir = root / "mert-wide"
+    _build_mert(wide_dir, wide, seed=99)
+    lib = Library(root / "lib", "relative")
+    ids = [t.track_id for t in lib.add_good(8)]
+    d = BatchDaemon(root / "d", lib, models)
+    d.start()
+    try:
+        d.ok("batch_start", models=["mert"])
+        assert d.wait_final()["status"] == "completed"
+        narrow_dim = _dims(d)["mert"]
+    finally:
+        d.stop()
+
+    d = BatchDaemon(root / "d", lib, {**models, "mert": str(wide_dir)})
+    d.start()
+    try:
+        wide_dim = _dims(d)["mert"]
+        assert wide_dim != narrow_dim
+        before = d.ok("search", model="mert", track_id=ids[0], limit=3)["hits"]
+        assert before[0]["track_id"] == ids[0]  # the old set answers
+        d.ok("batch_start", models=["mert"])
+        final = d.wait_final()
+        assert final["status"] == "failed"
+        assert "clear_existing" in d.log()  # the job says what to do
+        d.ok("batch_start", models=["mert"], clear_existing=True)
+        final = d.wait_final()
+        assert final["status"] == "completed" and final["processed_tracks"] == 8, (final, d.log())
+        hits = d.ok("search", model="mert", track_id=ids[3], limit=3)["hits"]
+        assert hits[0]["track_id"] == ids[3] and hits[0]["score"] > 0.999
+    finally:
+        d.stop()
+    counts = collection_counts(_uri(d), {"mert": wide_dim})
+    assert counts["mert"] == 8

@@ -381,7 +381,10 @@ class _Run:
         await service.executor.call(Lane.CONTROL, lambda registry: None)
         dims = {m: service.model_dim(m) for m in self.job.models}
         for model in self.job.models:
-            await self._store(lambda s, m=model: service.prepare_store(s, m, dims[m]), f"prepare {model}'s collection")
+            await self._store(
+                lambda s, m=model: service.prepare_store(s, m, dims[m], any_dim=self.job.clear_existing),
+                f"prepare {model}'s collection",
+            )
         if self.job.clear_existing:
             for model in self.job.models:
                 handle = await self._store(
