@@ -49,6 +49,15 @@ def _configure_logging(level: str, log_dir: Path | None) -> None:
     # Libraries that narrate their own start-up at INFO (faiss inside Milvus Lite).
     for chatty in ("faiss", "faiss.loader"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    # pymilvus logs every refused call with a traceback, including the ones the store
+    # expects and handles (a server refusing MERT's width, reconnects while Milvus is
+    # down); Milvus Lite's in-process gRPC server logs each call it does not implement.
+    # The store turns real failures into contract errors that we log ourselves.
+    # pymilvus configures its own logger when imported, so import it first.
+    import pymilvus  # noqa: F401
+
+    for noisy in ("pymilvus", "pymilvus.milvus_client", "grpc"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
