@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import signal
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from embedd.errors import Code, EmbeddError, StartupError
+from embedd.lockfile import take_lock
 from embedd.ops import build_handlers
 from embedd.protocol import (
     FrameDecoder,
@@ -90,16 +89,10 @@ class UnixSite:
     def _take_lock(self) -> None:
         # The lock decides races between two daemons starting at once; the connect
         # probe below covers a daemon that holds the path without our lock file.
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StartupError(f"another embedd daemon is already serving on {str(self.path)!r}") from None
-            raise
-        self._lock_fd = fd
+        self._lock_fd = take_lock(
+            self.path.with_name(self.path.name + ".lock"),
+            f"another embedd daemon is already serving on {str(self.path)!r}",
+        )
 
     def _clear_stale(self) -> None:
         try:

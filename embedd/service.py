@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
-import fcntl
 import logging
 import os
 import time
@@ -24,6 +22,7 @@ from embedd.batch.pipeline import BatchManager
 from embedd.errors import Code, EmbeddError, StartupError
 from embedd.executor import Executor, Lane, ModelRegistry
 from embedd.library import NavidromeLibrary
+from embedd.lockfile import take_lock
 from embedd.models import CATALOG, MODEL_NAMES
 from embedd.models.base import ModelSpec
 from embedd.settings import Settings
@@ -97,18 +96,10 @@ class Service:
 
     def _lock_data_dir(self) -> None:
         """One daemon per data directory: two would share one Milvus Lite file and one job state."""
-        path = self.settings.data_dir / "embedd.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StartupError(
-                    f"another embedd daemon is already using the data directory {str(self.settings.data_dir)!r}"
-                ) from None
-            raise
-        self._data_lock = fd
+        self._data_lock = take_lock(
+            self.settings.data_dir / "embedd.lock",
+            f"another embedd daemon is already using the data directory {str(self.settings.data_dir)!r}",
+        )
 
     async def _allowed_roots(self) -> list[Path]:
         roots = [self.settings.spool_dir, *self.settings.allowed_roots]

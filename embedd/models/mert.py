@@ -22,8 +22,6 @@ real model), concatenated. Counts come from the loaded model's config.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,7 +31,7 @@ from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec
 from embedd.models.enrich import enrich
-from embedd.models.runtime import autocast, group_by, resolve_repo, run_batched, window_spans
+from embedd.models.runtime import autocast, group_by, local_config, resolve_repo, run_batched, window_spans
 
 __all__ = ["HOP_S", "MertModel", "WINDOW_S"]
 
@@ -86,13 +84,10 @@ class MertModel(EmbeddingModel):
     def expected_dim(self) -> int | None:
         if self._loaded:
             return self.dim
+        config = local_config(self.spec.source, self.spec.cache_dir)
         try:
-            where, local = resolve_repo(self.spec.source, self.spec.cache_dir)
-            if not local:
-                return None
-            config = json.loads((Path(where) / "config.json").read_text(encoding="utf-8"))
-            return 3 * (int(config["num_hidden_layers"]) + 1) * int(config["hidden_size"])
-        except Exception:
+            return 3 * (int(config["num_hidden_layers"]) + 1) * int(config["hidden_size"]) if config else None
+        except (KeyError, TypeError, ValueError):
             return None
 
     # -- work ----------------------------------------------------------------

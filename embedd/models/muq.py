@@ -71,7 +71,7 @@ from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
 from embedd.models.enrich import enrich
-from embedd.models.runtime import autocast, group_by, resolve_repo, run_batched, window_spans
+from embedd.models.runtime import autocast, group_by, local_config, resolve_repo, run_batched, window_spans
 
 __all__ = ["HOP_S", "MuQMuLanModel", "WINDOW_S", "resolve_submodel"]
 
@@ -154,13 +154,10 @@ class MuQMuLanModel(EmbeddingModel):
     def expected_dim(self) -> int | None:
         if self._loaded:
             return self.dim
+        config = local_config(self.spec.source, self.spec.cache_dir)
         try:
-            where, local = resolve_repo(self.spec.source, self.spec.cache_dir)
-            if not local:
-                return None
-            config = json.loads((Path(where) / "config.json").read_text(encoding="utf-8"))
-            return 3 * int(config["mulan"]["dim_latent"])
-        except Exception:
+            return 3 * int(config["mulan"]["dim_latent"]) if config else None
+        except (KeyError, TypeError, ValueError):
             return None
 
     # -- audio ---------------------------------------------------------------

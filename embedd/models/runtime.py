@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -66,6 +67,21 @@ def resolve_repo(source: str, cache_dir: str | None) -> tuple[str, bool]:
         return snapshot_download(source, cache_dir=cache_dir, local_files_only=True), True
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError):
         return source, False
+
+
+def local_config(source: str, cache_dir: str | None) -> dict | None:
+    """The ``config.json`` of a source that is already on this host, or None.
+
+    Lets ``status`` report a model's real dim before the weights are loaded,
+    without ever touching the network.
+    """
+    try:
+        where, local = resolve_repo(source, cache_dir)
+        if not local:
+            return None
+        return json.loads((Path(where) / "config.json").read_text(encoding="utf-8"))
+    except Exception:  # absent, offline, unreadable: the caller falls back
+        return None
 
 
 def resolve_file(source: str, filename: str, cache_dir: str | None) -> str:
