@@ -42,6 +42,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import io
+import logging
 import math
 import mmap
 import multiprocessing
@@ -72,6 +73,8 @@ __all__ = [
 ]
 
 Target = tuple[int, int]  # (sample_rate Hz, channels 1|2)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_AUDIO_S = 30 * 60.0
 
@@ -700,6 +703,10 @@ def _sweep_stale_shm() -> None:
             pass
 
 
+class _WorkerDied(EmbeddError):
+    """A decoder worker process died under this request (it may not be this file's fault)."""
+
+
 class AudioDecoder:
     """Decodes in a pool of worker processes; the daemon's only way to decode.
 
@@ -727,6 +734,7 @@ class AudioDecoder:
         self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._closed = False
+        self._retry_lock = asyncio.Lock()  # see _run
         _sweep_stale_shm()
         self._pool = self._new_pool()
 
@@ -758,6 +766,25 @@ class AudioDecoder:
         return await self._run(filename, _job_bytes, bytes(data), filename, _check_targets(targets), self.max_audio_s, self._tag)
 
     async def _run(self, display: str, fn: Callable[..., Any], *args: Any) -> DecodedAudio:
+        """Decode in a worker; retried once if a worker died.
+
+        A dying worker breaks the whole pool, failing every request in flight, not
+        just the one that killed it. The retry runs on a fresh pool, so innocent
+        requests succeed and only a file that kills its worker twice is an error.
+        """
+        try:
+            return await self._run_once(display, fn, *args)
+        except _WorkerDied:
+            log.warning("a decoder process died while decoding %r; retrying it once", display)
+        # Retries run one at a time: the file that kills its worker does so again on
+        # its retry, and must not take the other requests' retries down with it.
+        async with self._retry_lock:
+            try:
+                return await self._run_once(display, fn, *args)
+            except _WorkerDied as exc:
+                raise EmbeddError(Code.DECODE_ERROR, exc.message) from None
+
+    async def _run_once(self, display: str, fn: Callable[..., Any], *args: Any) -> DecodedAudio:
         if self._closed:
             raise EmbeddError(Code.CANCELLED, "The audio decoder has been shut down.")
         pool = self._pool
@@ -776,7 +803,7 @@ class AudioDecoder:
         except BrokenProcessPool:
             if not self._closed:
                 self._replace_pool(pool)
-            raise EmbeddError(Code.DECODE_ERROR, f"The decoder process died while decoding '{display}'.") from None
+            raise _WorkerDied(Code.DECODE_ERROR, f"The decoder process died while decoding '{display}'.") from None
         except concurrent.futures.CancelledError:
             raise EmbeddError(Code.CANCELLED, f"Decoding '{display}' was cancelled by shutdown.") from None
         return _receive(result)

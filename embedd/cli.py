@@ -13,6 +13,7 @@ import json
 import logging
 import logging.handlers
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"embedd: {exc}", file=sys.stderr)
         return 1
-    return 0
+    # Shutdown is complete: the job is checkpointed, the socket removed. Exit now
+    # rather than let the interpreter join threads still inside torch or a Milvus
+    # call (a forward pass cut short at finalisation aborts the process).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------

@@ -97,6 +97,7 @@ class ModelRegistry:
         self._last_used: dict[str, float] = {}
         self._dims: dict[str, int] = {}
         self._errors: dict[str, str] = {}
+        self.interrupt = threading.Event()  # set at shutdown: running forward passes stop between batches
 
     @property
     def names(self) -> list[str]:
@@ -110,6 +111,7 @@ class ModelRegistry:
                 raise EmbeddError(Code.BAD_REQUEST, f"there is no model {name!r}")
             factory = self._factories.get(name) or backend_class(name)
             model = self._models[name] = factory(spec)
+            model.interrupt = self.interrupt
         return model
 
     def get(self, name: str) -> EmbeddingModel:
@@ -227,7 +229,6 @@ class Executor:
         self._snapshot: dict[str, ModelState] = {}
         self._failed: str | None = None
         self._described = threading.Event()  # set once the thread knows every model's dims
-        self.busy_since: float | None = None  # monotonic time the current job started, for the watchdog
 
     # -- lifecycle (event loop side) -----------------------------------------
     def start(self) -> None:
@@ -238,6 +239,8 @@ class Executor:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Cancel what is queued, let the running job finish, unload every model."""
+        if self._registry is not None:
+            self._registry.interrupt.set()
         with self._cond:
             self._stopping = True
             dropped = [job for queue in self._queues.values() for job in queue]
@@ -327,6 +330,19 @@ class Executor:
         finally:
             self._described.set()
         self._snapshot = registry.snapshot()
+        try:
+            self._serve(registry)
+        except BaseException:  # a bug: say so, and fail what waits instead of leaving it hanging
+            log.exception("the model executor stopped unexpectedly")
+            self._fail_everything("the model executor stopped unexpectedly; see the daemon log")
+        finally:
+            try:
+                registry.unload_all()
+            except Exception:
+                log.exception("unloading the models at exit failed")
+            self._snapshot = registry.snapshot()
+
+    def _serve(self, registry: ModelRegistry) -> None:
         next_idle_check = time.monotonic() + self._idle_check_s
         while True:
             with self._cond:
@@ -336,18 +352,17 @@ class Executor:
                         break
                     self._cond.wait(timeout)
                 if self._stopping:
-                    break
+                    return
                 batch = self._take()
             if batch:
-                self.busy_since = time.monotonic()
                 self._execute(registry, batch)
-                self.busy_since = None
             if time.monotonic() >= next_idle_check:
-                registry.unload_idle()
+                try:
+                    registry.unload_idle()
+                except Exception:  # e.g. a CUDA error while freeing: keep serving
+                    log.exception("unloading idle models failed")
                 next_idle_check = time.monotonic() + self._idle_check_s
             self._snapshot = registry.snapshot()
-        registry.unload_all()
-        self._snapshot = registry.snapshot()
 
     def _take(self) -> list[_Job]:
         """The next job by lane priority, plus queued audio jobs it can share a forward pass with."""
@@ -379,6 +394,8 @@ class Executor:
             else:
                 model = registry.get(batch[0].model)
                 results = model.embed_audio_many([job.waveform for job in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{model.name} returned {len(results)} embeddings for {len(batch)} tracks")
             outcomes = [(result, None) for result in results]
         except EmbeddError as exc:
             outcomes = [(None, exc)] * len(batch)

@@ -407,9 +407,9 @@ class NavidromeLibrary:
         return f"SELECT id, path, title, artist, album, duration, size, updated_at, {library_id} FROM media_file"
 
     @staticmethod
-    def _filters(schema: _Schema, shard: Shard | None) -> tuple[str, tuple]:
+    def _filters(schema: _Schema, shard: Shard | None, include_missing: bool = False) -> tuple[str, tuple]:
         sql, params = "", ()
-        if schema.has_missing:
+        if schema.has_missing and not include_missing:
             # ``+missing``: keep the planner on the primary-key index (keyset
             # order) rather than Navidrome's index on ``missing`` plus a sort.
             sql += " AND NOT +missing"
@@ -465,8 +465,14 @@ class NavidromeLibrary:
                 return total
             after = str(last)
 
-    async def iter_tracks(self, shard: Shard | None = None, after_id: str | None = None) -> AsyncIterator[Track]:
+    async def iter_tracks(
+        self, shard: Shard | None = None, after_id: str | None = None, *, include_missing: bool = False
+    ) -> AsyncIterator[Track]:
         """Yield present tracks in ascending id order, one page at a time.
+
+        ``include_missing`` also yields rows Navidrome marked missing: files it
+        could not see at its last scan (an unmounted share, say), which it keeps
+        so that they come back intact — they are still part of the library.
 
         ``after_id`` starts after that id (a caller's own cursor). Pages are
         independent reads: a track added behind the cursor during the
@@ -480,7 +486,7 @@ class NavidromeLibrary:
                 await self._register_shard(db)
                 if roots is None:
                     roots = await self._roots(db, schema)
-                filt, params = self._filters(schema, shard)
+                filt, params = self._filters(schema, shard, include_missing)
                 rows = await self._fetchall(
                     db, f"{self._select(schema)} WHERE id > ?{filt} ORDER BY id LIMIT ?", (after, *params, self.page_size)
                 )

@@ -54,46 +54,57 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 class FrameDecoder:
     """Splits a byte stream into frame bodies, rejecting bad lengths up front.
 
-    Bytes are appended to one buffer and consumed through an offset that is
-    compacted once per ``feed``, so a burst of thousands of pipelined frames
-    costs linear time.
+    ``feed`` only buffers; ``next_body`` hands out one complete body at a time,
+    so the server takes exactly as many requests as it is willing to run and
+    leaves the rest in the buffer (and stops reading the socket). Consumed bytes
+    are cut from the buffer once per ``feed``, so a burst of thousands of
+    pipelined frames costs linear time.
     """
 
-    __slots__ = ("_buffer", "_max_frame")
+    __slots__ = ("_buffer", "_max_frame", "_offset")
 
     def __init__(self, max_frame: int) -> None:
         self._buffer = bytearray()
+        self._offset = 0
         self._max_frame = max_frame
 
     @property
     def pending(self) -> int:
-        """Bytes of an incomplete frame held right now (0 between frames)."""
-        return len(self._buffer)
+        """Bytes received and not yet handed out as a body."""
+        return len(self._buffer) - self._offset
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Bodies of the frames completed by ``data``; raises bad_frame on a bad length."""
-        buf = self._buffer
-        buf += data
-        bodies: list[bytes] = []
-        offset = 0
-        end = len(buf)
+    def feed(self, data: bytes) -> None:
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
+        self._buffer += data
+
+    def _next_length(self) -> int | None:
+        if len(self._buffer) - self._offset < HEADER_SIZE:
+            return None
+        (length,) = HEADER.unpack_from(self._buffer, self._offset)
+        if length == 0 or length > self._max_frame:
+            raise EmbeddError(Code.BAD_FRAME, f"frame length {length} is outside 1..{self._max_frame} bytes")
+        return length
+
+    def next_body(self) -> bytes | None:
+        """The next complete frame's body, or None; raises bad_frame on a bad length."""
+        length = self._next_length()
+        if length is None or self.pending - HEADER_SIZE < length:
+            return None
+        start = self._offset + HEADER_SIZE
+        self._offset = start + length
+        return bytes(self._buffer[start : self._offset])
+
+    def incomplete(self) -> bool:
+        """Whether the buffer ends inside a frame (what EOF must not cut)."""
+        if not self.pending:
+            return False
         try:
-            while end - offset >= HEADER_SIZE:
-                (length,) = HEADER.unpack_from(buf, offset)
-                if length == 0 or length > self._max_frame:
-                    raise EmbeddError(
-                        Code.BAD_FRAME,
-                        f"frame length {length} is outside 1..{self._max_frame} bytes",
-                    )
-                if end - offset - HEADER_SIZE < length:
-                    break
-                start = offset + HEADER_SIZE
-                bodies.append(bytes(buf[start : start + length]))
-                offset = start + length
-        finally:
-            if offset:
-                del buf[:offset]
-        return bodies
+            length = self._next_length()
+        except EmbeddError:
+            return True
+        return length is None or self.pending - HEADER_SIZE < length
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
@@ -180,7 +191,7 @@ class SearchArgs(Args):
     track_id: str | None = None
     text: str | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
-    exclude_track_ids: list[str] = msgspec.field(default_factory=list)
+    exclude_track_ids: Annotated[list[str], msgspec.Meta(max_length=10_000)] = msgspec.field(default_factory=list)
 
     def check(self) -> None:
         given = [k for k in ("vector", "track_id", "text") if getattr(self, k) is not None]

@@ -154,7 +154,12 @@ class InheritedSite:
 
 
 class Connection(asyncio.Protocol):
-    """One client. Frames in, responses out as each request completes."""
+    """One client. Frames in, responses out as each request completes.
+
+    At most ``max_inflight_per_connection`` requests of one client run at once:
+    further frames wait in the decoder's buffer, and the socket is not read
+    while that limit is reached or while the client is not reading its answers.
+    """
 
     __slots__ = (
         "_decoder",
@@ -164,7 +169,7 @@ class Connection(asyncio.Protocol):
         "_max_inflight",
         "_read_paused",
         "_server",
-        "_write_paused",
+        "_writable",
         "last_activity",
         "tasks",
         "transport",
@@ -179,7 +184,8 @@ class Connection(asyncio.Protocol):
         self.tasks: set[asyncio.Task] = set()
         self.transport: asyncio.Transport | None = None
         self._read_paused = False
-        self._write_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._eof = False
         self.last_activity = self._loop.time()
 
@@ -204,39 +210,59 @@ class Connection(asyncio.Protocol):
         self._server.connections.discard(self)
         for task in self.tasks:
             task.cancel()  # the client is gone: its queued work is dropped
+        self._writable.set()  # release streams waiting to write; they find the transport gone
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self._loop.time()
-        try:
-            bodies = self._decoder.feed(data)
-        except EmbeddError as exc:
-            self._fatal(exc)
-            return
-        for body in bodies:
-            if self.transport is None or self.transport.is_closing():
-                return
-            self._handle(body)
+        self._decoder.feed(data)
+        self._drain()
 
     def eof_received(self) -> bool:
         self._eof = True
-        if self._decoder.pending:
-            self._fatal(EmbeddError(Code.BAD_FRAME, f"connection closed in the middle of a frame ({self._decoder.pending} bytes)"))
-            return False
-        if not self.tasks:
-            return False  # nothing left to answer: close
-        return True  # keep the write side open until in-flight requests are answered
+        self._drain()
+        return self._finish_if_done()
 
     def pause_writing(self) -> None:
-        # The client is not reading its responses: stop reading its requests.
-        self._write_paused = True
+        # The client is not reading its responses: stop reading its requests,
+        # and let streams wait instead of piling up frames.
+        self._writable.clear()
         self._update_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self._writable.set()
         self._update_reading()
 
     # -- requests ------------------------------------------------------------
+    def _drain(self) -> None:
+        """Start buffered requests while the in-flight limit allows."""
+        try:
+            while len(self.tasks) < self._max_inflight:
+                if self.transport is None or self.transport.is_closing():
+                    return
+                body = self._decoder.next_body()
+                if body is None:
+                    break
+                self._handle(body)
+        except EmbeddError as exc:  # a bad length prefix
+            self._fatal(exc)
+            return
+        self._update_reading()
+
+    def _finish_if_done(self) -> bool:
+        """After EOF: close once everything is answered. Returns True to keep the write side open."""
+        if self.tasks or self.transport is None:
+            return True
+        if self._decoder.incomplete():
+            self._fatal(
+                EmbeddError(Code.BAD_FRAME, f"connection closed in the middle of a frame ({self._decoder.pending} bytes)")
+            )
+            return False
+        if self._decoder.pending:  # complete frames still waiting for a slot
+            return True
+        self.transport.close()
+        return False
+
     def _handle(self, body: bytes) -> None:
         try:
             message = decode_body(body)
@@ -263,12 +289,12 @@ class Connection(asyncio.Protocol):
         task = self._loop.create_task(self._run(rid, request.op, handler, request.args))
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
-        self._update_reading()
 
     async def _run(self, rid: Any, op: str, handler: Handler, args: Any) -> None:
         try:
             if handler.streaming:
                 async for result, more in handler.fn(args):
+                    await self._writable.wait()  # a reader that stopped reading gets the latest, not a backlog
                     self._send(success_response(rid, result, more=more))
             else:
                 self._send(success_response(rid, await handler.fn(args)))
@@ -283,16 +309,16 @@ class Connection(asyncio.Protocol):
 
     def _task_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
-        self._update_reading()
-        if self._eof and not self.tasks and self.transport is not None:
-            self.transport.close()
+        self._drain()
+        if self._eof:
+            self._finish_if_done()
 
     # -- plumbing --------------------------------------------------------------
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        should_pause = self._write_paused or len(self.tasks) >= self._max_inflight
+        should_pause = not self._writable.is_set() or len(self.tasks) >= self._max_inflight
         if should_pause and not self._read_paused:
             transport.pause_reading()
             self._read_paused = True
@@ -317,8 +343,10 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def close_idle(self) -> None:
+        # abort, not close: a client that stopped reading would keep its unsent
+        # answers (and this connection) alive forever waiting for a flush.
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     @property
     def idle(self) -> bool:
@@ -409,7 +437,11 @@ class Server:
         if pending:
             await asyncio.wait(pending, timeout=1.0)
         for conn in list(self.connections):
-            conn.close_idle()
+            if conn.transport is not None:
+                conn.transport.close()  # flush the last answers...
+        await asyncio.sleep(0.2)
+        for conn in list(self.connections):
+            conn.close_idle()  # ...but never wait on a client that does not read them
 
         await self.service.stop(timeout=max(0.5, deadline - self.loop.time()))
         await self._close_sites()

@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 #: How long ``status`` waits for Milvus to answer a ping before it reports it down.
 MILVUS_PING_TIMEOUT_S = 2.0
+#: A successful Milvus call this recent answers ``status`` without a ping.
+MILVUS_OK_FRESH_S = 5.0
 
 
 class Service:
@@ -58,6 +60,8 @@ class Service:
         self._store_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedd-store")
         self._store_ready: set[tuple[str, int, bool]] = set()  # prepare_store calls done (store thread only)
         self._data_lock: int | None = None
+        self._store_ok_at = float("-inf")
+        self._milvus_ping: asyncio.Future[bool] | None = None
         self.batch = BatchManager(self)
 
     def _build_registry(self, device: str) -> ModelRegistry:
@@ -121,10 +125,24 @@ class Service:
         await self.batch.quiesce()
 
     async def stop(self, timeout: float) -> None:
-        await self.executor.stop(timeout=timeout)
+        """Stop everything within ``timeout``; a part that will not stop in time is left behind.
+
+        The process exits right after (``cli.cmd_serve``), so a thread still inside
+        torch or a Milvus call cannot hold the exit up.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def left() -> float:
+            return max(0.1, deadline - loop.time())
+
+        await self.executor.stop(timeout=left() * 0.7)
         if self.decoder is not None:
             await asyncio.to_thread(self.decoder.close, wait=False)
-        await asyncio.get_running_loop().run_in_executor(self._store_thread, self.store.close)
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self._store_thread, self.store.close), left())
+        except asyncio.TimeoutError:
+            log.warning("Milvus did not answer within the shutdown deadline; leaving its connection behind")
         self._store_thread.shutdown(wait=False)
         if self._data_lock is not None:
             os.close(self._data_lock)
@@ -133,7 +151,9 @@ class Service:
     # -- the store ---------------------------------------------------------------
     async def store_io(self, fn: Callable[[VectorStore], T]) -> T:
         """Run ``fn(store)`` on the store's own thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._store_thread, fn, self.store)
+        result = await asyncio.get_running_loop().run_in_executor(self._store_thread, fn, self.store)
+        self._store_ok_at = time.monotonic()  # any answer from Milvus says it is up
+        return result
 
     def prepare_store(self, store: VectorStore, model: str, dim: int, *, any_dim: bool = False) -> None:
         """Make the model's collection usable for ``dim``-wide vectors (store thread; cached).
@@ -149,10 +169,29 @@ class Service:
             self._store_ready.add(key)
 
     async def milvus_ok(self) -> bool:
+        """Whether Milvus answers: a recent successful call, else one shared ping.
+
+        Pings queue on the store thread behind real work, so ``status`` under load
+        would report a busy Milvus as down; recent success is the better witness,
+        and concurrent ``status`` requests share one ping instead of queueing many.
+        """
+        if time.monotonic() - self._store_ok_at < MILVUS_OK_FRESH_S:
+            return True
+        if self._milvus_ping is None or self._milvus_ping.done():
+            self._milvus_ping = asyncio.ensure_future(self._ping_milvus())
+        return await asyncio.shield(self._milvus_ping)
+
+    async def _ping_milvus(self) -> bool:
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(self.store_io(lambda store: store.ping()), MILVUS_PING_TIMEOUT_S)
+            ok = await asyncio.wait_for(
+                loop.run_in_executor(self._store_thread, self.store.ping), MILVUS_PING_TIMEOUT_S
+            )
         except (asyncio.TimeoutError, EmbeddError):
             return False
+        if ok:
+            self._store_ok_at = time.monotonic()
+        return bool(ok)
 
     # -- views ---------------------------------------------------------------------
     @property

@@ -357,8 +357,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init = command line (and the TOML file, merged below it by build_settings); then env.
-        return (init_settings, env_settings)
+        # build_settings merges command line, environment and file itself and passes the
+        # result in: pydantic's own env source would also read bare field names
+        # (LOG_LEVEL, SOCKET, ...) that belong to other programs.
+        return (init_settings,)
 
 
 class SettingsInvalid(Exception):
@@ -387,20 +389,24 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _env_values() -> dict[str, str]:
+    """Each setting's value from the first of its environment names that is set (and not empty)."""
+    values = {}
+    for field, info in Settings.model_fields.items():
+        for name in info.validation_alias.choices[1:]:  # type: ignore[union-attr]
+            if os.environ.get(name):
+                values[field] = os.environ[name]
+                break
+    return values
+
+
 def build_settings(cli: dict[str, Any] | None = None, config_file: Path | None = None) -> Settings:
     """CLI values > environment > TOML > defaults; raises SettingsInvalid with one line."""
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     if config_file is None and (env_file := os.environ.get("EMBEDD_CONFIG")):
         config_file = Path(env_file)
     file_values = _read_toml(config_file) if config_file else {}
-    # The environment sits between CLI and file: drop file values that the env overrides.
-    env_set = {
-        field
-        for field, info in Settings.model_fields.items()
-        if info.validation_alias
-        and any(name.upper() in os.environ for name in info.validation_alias.choices[1:])  # type: ignore[union-attr]
-    }
-    init = {k: v for k, v in file_values.items() if k not in env_set} | cli
+    init = file_values | _env_values() | cli
     try:
         return Settings(**init)
     except ValidationError as exc:

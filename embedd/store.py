@@ -669,10 +669,18 @@ class VectorStore:
         return None if hit is None else hit[0]
 
     def _fetch_vectors(
-        self, name: str, layout: _Layout, track_ids: list[str], meta: bool = False, level: str = _STRONG
+        self,
+        name: str,
+        layout: _Layout,
+        track_ids: list[str],
+        meta: bool = False,
+        level: str = _STRONG,
+        *,
+        whole_rows: bool = False,
     ) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-        """Full vectors (and metadata) of the tracks that have them all; missing ones are left out."""
-        fields = ["track_id", "vector", *(_META_FIELDS if meta else ())]
+        """Full vectors (and metadata, or every stored field) of the tracks that have them all."""
+        extra = _ROW_FIELDS if whole_rows else (_META_FIELDS if meta else ())
+        fields = ["track_id", "vector", *extra]
         out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
         if not layout.split:
             for start in range(0, len(track_ids), _FETCH_TRACKS):
@@ -878,6 +886,29 @@ class VectorStore:
         if not committed:
             self._rebuilds[model] = handle
         return handle
+
+    def carry_over(self, handle: RebuildHandle, track_ids: Iterable[str]) -> int:
+        """Copy the live rows of ``track_ids`` into the rebuild; returns how many had one.
+
+        Tracks that failed during a rebuild keep the vectors they had, so that the
+        switch loses nothing. Only possible while the rebuild keeps the live width
+        (new weights of another width make the old vectors useless anyway).
+        """
+        m = self._model(handle.model)
+        if m.layout.dim != handle.dim:
+            return 0
+        ids = list(dict.fromkeys(track_ids))
+        copied = 0
+        for start in range(0, len(ids), _FETCH_TRACKS):
+            found = self._fetch_vectors(m.public, m.layout, ids[start : start + _FETCH_TRACKS], whole_rows=True)
+            rows = [
+                TrackRow(track_id=tid, vector=vector, **{f: row[f] for f in _ROW_FIELDS if row.get(f) is not None})
+                for tid, (vector, row) in found.items()
+            ]
+            if rows:
+                self.upsert(handle.model, rows, target=handle)
+                copied += len(rows)
+        return copied
 
     def list_rebuilds(self, model: str) -> list[str]:
         """Physical rebuild collections of ``model`` that no alias points at (pending or stale)."""

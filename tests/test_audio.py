@@ -366,6 +366,13 @@ def _die_now(*_args: object) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _slow_decode(*args: object):
+    import time
+
+    time.sleep(0.5)
+    return audio._job_path(*args)
+
+
 def _shm_files(decoder: AudioDecoder) -> list[Path]:
     return sorted(Path("/dev/shm").glob(f"{audio._SHM_PREFIX}{decoder._tag}-*"))
 
@@ -415,6 +422,16 @@ def test_decoder_pool(fx, tree, big_wav: Path) -> None:
             assert e.value.code is Code.DECODE_ERROR and "crash.flac" in e.value.message
             again = await decoder.decode_path(str(tree["song"]), TARGETS)
             assert again.duration_s == pytest.approx(1.5)
+
+            # an innocent request in flight when another one kills its worker is retried, not failed
+            innocent = asyncio.ensure_future(
+                decoder._run("slow.flac", _slow_decode, str(tree["song"]), decoder.roots, audio._check_targets(TARGETS),
+                             decoder.max_audio_s, decoder._tag)
+            )
+            await asyncio.sleep(0.1)
+            with pytest.raises(EmbeddError):
+                await decoder._run("crash.flac", _die_now)
+            assert (await innocent).duration_s == pytest.approx(1.5)
         finally:
             decoder.close()
         with pytest.raises(EmbeddError) as e:

@@ -222,3 +222,23 @@ def test_model_that_cannot_load_is_unavailable_and_daemon_keeps_serving(sock_dir
         e = err(d.call("embed_text", text="x"))
         assert e["code"] == "unavailable" and "muq" in e["message"] and "no-such-model" in e["message"]
         assert ok(d.call("ping"))
+
+
+def test_sigterm_during_a_long_embed_exits_cleanly(tiny_models, sock_dir):
+    """The model is mid-forward: shutdown stops it between batches and exits 0 within 10 s."""
+    music = sock_dir / "music"
+    music.mkdir()
+    long = make_long_wav(music / "ten-minutes.wav", duration_s=600.0)
+    d = Daemon(sock_dir, args=[*model_args(tiny_models), "--music-root", str(music)], env={"HF_HUB_OFFLINE": "1"})
+    d.start()
+    with d.connect(timeout=60) as s:
+        s.sendall(frame({"id": 1, "op": "embed_file", "path": str(long), "models": ["latent"]}))
+        time.sleep(3.0)  # decoded, and well into the forward passes
+        started = time.monotonic()
+        d.proc.send_signal(15)
+        answer = read_frame(s)
+    assert d.proc.wait(15) == 0
+    assert time.monotonic() - started < 10
+    assert answer["id"] == 1 and answer["ok"] is False and answer["error"]["code"] == "cancelled"
+    assert not d.socket.exists()
+    d.stop()

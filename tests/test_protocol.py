@@ -29,6 +29,15 @@ def frames_of(*messages: dict) -> bytes:
     return b"".join(encode_frame(m) for m in messages)
 
 
+def feed(decoder: FrameDecoder, data: bytes) -> list[bytes]:
+    """Feed bytes and take every body they complete."""
+    decoder.feed(data)
+    bodies = []
+    while (body := decoder.next_body()) is not None:
+        bodies.append(body)
+    return bodies
+
+
 # -- FrameDecoder --------------------------------------------------------------------
 
 
@@ -36,7 +45,7 @@ def test_frames_split_at_every_byte_boundary():
     data = frames_of({"op": "ping", "id": 1}, {"op": "status", "id": "two"}, {"op": "ping", "x": b"\x00" * 300})
     for cut in range(len(data) + 1):
         decoder = FrameDecoder(MAX)
-        bodies = decoder.feed(data[:cut]) + decoder.feed(data[cut:])
+        bodies = feed(decoder, data[:cut]) + feed(decoder, data[cut:])
         assert [decode_body(b) for b in bodies] == [
             {"op": "ping", "id": 1},
             {"op": "status", "id": "two"},
@@ -48,7 +57,7 @@ def test_frames_split_at_every_byte_boundary():
 def test_byte_by_byte_feeding():
     data = frames_of(*({"op": "ping", "id": i} for i in range(20)))
     decoder = FrameDecoder(MAX)
-    bodies = [b for i in range(len(data)) for b in decoder.feed(data[i : i + 1])]
+    bodies = [b for i in range(len(data)) for b in feed(decoder, data[i : i + 1])]
     assert [decode_body(b)["id"] for b in bodies] == list(range(20))
 
 
@@ -56,20 +65,22 @@ def test_byte_by_byte_feeding():
 def test_bad_lengths_are_rejected_from_the_header_alone(length):
     decoder = FrameDecoder(MAX)
     with pytest.raises(EmbeddError) as info:
-        decoder.feed(struct.pack(">I", length))  # no body at all
+        feed(decoder, struct.pack(">I", length))  # no body at all
     assert info.value.code is Code.BAD_FRAME
     assert str(length) in info.value.message
 
 
 def test_length_of_exactly_max_frame_is_fine():
     decoder = FrameDecoder(MAX)
-    assert decoder.feed(struct.pack(">I", MAX) + b"\x00" * MAX) == [b"\x00" * MAX]
+    assert feed(decoder, struct.pack(">I", MAX) + b"\x00" * MAX) == [b"\x00" * MAX]
 
 
 def test_pending_counts_an_incomplete_frame():
     decoder = FrameDecoder(MAX)
-    decoder.feed(b"\x00\x00\x00\x05ab")
-    assert decoder.pending == 6
+    assert feed(decoder, b"\x00\x00\x00\x05ab") == []
+    assert decoder.pending == 6 and decoder.incomplete()
+    assert feed(decoder, b"cde") == [b"abcde"]
+    assert decoder.pending == 0 and not decoder.incomplete()
 
 
 # -- decode_body ---------------------------------------------------------------------
@@ -140,6 +151,7 @@ def test_defaults_match_the_contract():
         ({"op": "search", "model": "muq", "text": "a", "limit": 5.0}, "limit"),
         ({"op": "search", "model": "muq", "vector": b"\x00\x00\x00"}, "vector"),
         ({"op": "search", "model": "muq", "text": "a", "exclude_track_ids": [1]}, "exclude_track_ids"),
+        ({"op": "search", "model": "muq", "text": "a", "exclude_track_ids": ["t"] * 10_001}, "exclude_track_ids"),
         ({"op": "batch_start", "clear_existing": "yes"}, "clear_existing"),
         ({"op": "batch_failures", "offset": -1}, "offset"),
         ({"op": "batch_watch", "interval_s": 0}, "interval_s"),
@@ -198,7 +210,7 @@ def test_arbitrary_bytes_never_crash_the_reader(data, chunk):
     decoder = FrameDecoder(128)
     try:
         for i in range(0, len(data), chunk):
-            for body in decoder.feed(data[i : i + chunk]):
+            for body in feed(decoder, data[i : i + chunk]):
                 try:
                     parse_request(decode_body(body))
                 except EmbeddError as exc:

@@ -387,3 +387,23 @@ def test_two_daemons_may_not_share_a_data_directory(daemon, sock_dir):
     assert "data directory" in other.stderr and len(other.stderr.strip().splitlines()) == 1
     assert not (sock_dir / "other.sock").exists(), "the refused daemon must clean up its socket"
     assert daemon.call("ping")["ok"]
+
+
+def test_in_flight_limit_per_connection_protects_other_clients(sock_dir):
+    """A client that pipelines thousands of requests and never reads gets at most its share."""
+    with Daemon(sock_dir, args=["--max-inflight-per-connection", "8"]) as d:
+        flooder = d.connect()
+        flooder.sendall(b"".join(frame({"id": i, "op": "status"}) for i in range(5000)))
+        try:
+            time.sleep(0.5)
+            for _ in range(5):
+                started = time.perf_counter()
+                r = d.call("status")
+                assert r["ok"] and r["result"]["milvus"]["ok"] is True
+                assert time.perf_counter() - started < 1.0
+        finally:
+            flooder.close()
+        # and a client that does read gets every answer, a few at a time
+        with d.connect() as s:
+            s.sendall(b"".join(frame({"id": i, "op": "status"}) for i in range(300)))
+            assert {read_frame(s)["id"] for _ in range(300)} == set(range(300))

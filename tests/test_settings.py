@@ -130,3 +130,19 @@ def test_settings_are_frozen():
     s = build_settings()
     with pytest.raises(ValidationError, match="frozen"):
         s.batch_size = 2  # type: ignore[misc]
+
+
+def test_other_programs_variables_are_not_settings(monkeypatch, tmp_path):
+    # LOG_LEVEL, SOCKET, DEVICE... belong to other programs: only the documented names count.
+    monkeypatch.setenv("LOG_LEVEL", "INFO")
+    monkeypatch.setenv("SOCKET", str(tmp_path / "other.sock"))
+    monkeypatch.setenv("DEVICE", "tpu")
+    monkeypatch.setenv("embedd_batch_size", "7")  # names are case-sensitive
+    s = build_settings()
+    assert s.log_level == "info" and s.socket != tmp_path / "other.sock" and s.device == "auto"
+    assert s.batch_size == 4
+
+
+def test_empty_environment_values_count_as_unset(monkeypatch):
+    monkeypatch.setenv("NAVIDROME_MILVUS_URI", "")
+    assert build_settings().milvus_uri is None

@@ -313,7 +313,7 @@ class _Run:
                 exc = self.body.exception()
                 if exc is not None:
                     raise exc
-            elif self.reason not in ("cancel", "quiesce"):
+            elif self.reason not in ("cancel", "quiesce", "pause"):
                 raise EmbeddError(Code.INTERNAL, "the batch job's pipeline was cancelled unexpectedly.")
             await self._flush()
             if self.reason == "cancel":
@@ -325,9 +325,7 @@ class _Run:
             elif self.reason == "quiesce":
                 final = None  # stays running: the next start resumes it
             else:
-                for handle in self.handles.values():
-                    if not handle.committed:
-                        await self._store(lambda s, h=handle: s.commit_rebuild(h), "switch the rebuilt collection")
+                await self._commit_rebuilds()
                 job = self.m._job or self.job
                 failed = job.failed_tracks > 0
                 final = (JobStatus.COMPLETED_WITH_ERRORS if failed else JobStatus.COMPLETED, None)
@@ -358,6 +356,43 @@ class _Run:
             else:
                 log.info("batch job %s is %s", job_id, status.value)
             await self.m._set_status(job_id, status, error=error)
+
+    async def _commit_rebuilds(self) -> None:
+        """Switch each rebuilt collection in, losing nothing.
+
+        A track that failed this time keeps its old vector (copied across before
+        the switch). A model whose rebuild produced no vector at all — the music
+        mount was gone, the model could not load — is not switched in: the job
+        fails and the old set stays live.
+        """
+        if not self.handles:
+            return
+        jobs = self.m._jobs
+        job_id = self.job.job_id
+        for model in self.handles:
+            if self.job.total_tracks and not await asyncio.to_thread(jobs.done_count, job_id, model):
+                raise _JobFailed(
+                    f"the rebuild of {model} stored no vector at all, so it was not switched in; "
+                    "the old vectors stay live (see batch_failures)"
+                )
+        failed: dict[str, list[str]] = {}
+        offset = 0
+        while True:
+            _, page = await asyncio.to_thread(jobs.failures, job_id, 1000, offset)
+            if not page:
+                break
+            offset += len(page)
+            for failure in page:
+                failed.setdefault(failure.model, []).append(failure.track_id)
+        for model, handle in self.handles.items():
+            if failed.get(model):
+                kept = await self._store(
+                    lambda s, h=handle, ids=failed[model]: s.carry_over(h, ids), f"keep {model}'s old vectors"
+                )
+                log.info("batch job %s: %d failed tracks keep their old %s vectors", job_id, kept, model)
+            # Always commit: it is idempotent, and after a crash between the alias switch
+            # and the clean-up it is what drops the old collections.
+            await self._store(lambda s, h=handle: s.commit_rebuild(h), "switch the rebuilt collection")
 
     async def _body(self) -> None:
         await self._prepare()
@@ -419,7 +454,9 @@ class _Run:
             await self._store(copy, f"read {model}'s stored fingerprints")
         library = self.service.require_library()
         page: list[str] = []
-        async for track in library.iter_tracks(self.shard):
+        # Rows Navidrome marked missing still count as in the library: a share that was
+        # unmounted during its scan must not cost every vector (they are not embedded either).
+        async for track in library.iter_tracks(self.shard, include_missing=True):
             page.append(track.track_id)
             if len(page) >= 1000:
                 await asyncio.to_thread(scan.mark_seen, page)
@@ -844,6 +881,14 @@ class BatchManager:
             jobs = self._require_jobs()
             library = self.service.require_library()
             shard = parse_shard(args.shard) if args.shard is not None else None
+            if args.clear_existing and shard is not None and shard.count > 1:
+                # A rebuild switches the whole collection at once; one shard's switch
+                # would hide (and drop) every other shard's vectors.
+                raise EmbeddError(
+                    Code.BAD_REQUEST,
+                    "batch_start: 'clear_existing' cannot be combined with 'shard'; "
+                    "run a rebuild on one daemon, or shard an incremental run",
+                )
             current = self._job
             if current is not None and current.active:
                 raise EmbeddError(Code.BUSY, f"batch job {current.job_id} is {current.status.value}; cancel it or wait for it to finish.")
@@ -911,16 +956,19 @@ class BatchManager:
             job = self._job
             if job is None or job.status not in (JobStatus.RUNNING, JobStatus.PAUSED):
                 raise EmbeddError(Code.NOT_FOUND, "there is no running batch job to pause.")
+            task = None
             if job.status is JobStatus.RUNNING:
                 run = self._run
-                if run is not None and run.task is not None:
-                    run.request("pause")
-                    await asyncio.wait({run.task})
-                job = self._job
-                if job is not None and job.status is JobStatus.RUNNING:  # no run was active
+                if run is not None and run.task is not None and not run.task.done():
+                    run.request("pause")  # the run finishes its in-flight tracks and records PAUSED
+                    task = run.task
+                else:  # no run is active: record the pause ourselves
                     self._job = await asyncio.to_thread(jobs.set_status, job.job_id, JobStatus.PAUSED)
                     self._bump()
-            return self.progress()
+        # Wait outside the lock, so that a cancel can overtake a pause that is draining.
+        if task is not None:
+            await asyncio.wait({task})
+        return self.progress()
 
     async def _op_resume(self, _args: Any) -> dict[str, Any]:
         assert self._op_lock is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import threading
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import numpy as np
@@ -58,6 +59,8 @@ class EmbeddingModel(abc.ABC):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._loaded = False
+        # Set by the executor at shutdown; backends check it between forward batches.
+        self.interrupt: threading.Event = threading.Event()
 
     @property
     def name(self) -> str:

@@ -266,7 +266,7 @@ class Music2LatentModel(EmbeddingModel):
         with autocast(self.device, self.spec.half):
             for _, idx in group_by(items, lambda c: c.frames + c.pad).items():
                 rows = run_batched([items[i] for i in idx], self._forward, self.spec.batch_size,
-                                   model_name=self.name)
+                                   model_name=self.name, interrupt=self.interrupt)
                 for i, row in zip(idx, rows):
                     outputs[i] = row
         result = []

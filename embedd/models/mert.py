@@ -124,7 +124,7 @@ class MertModel(EmbeddingModel):
         with autocast(self.device, self.spec.half):
             for _, idx in group_by(windows, len).items():
                 out = run_batched(
-                    [windows[i] for i in idx], self._forward, self.spec.batch_size, model_name=self.name
+                    [windows[i] for i in idx], self._forward, self.spec.batch_size, model_name=self.name, interrupt=self.interrupt
                 )
                 for i, row in zip(idx, out):
                     rows[i] = row

@@ -217,7 +217,7 @@ class MuQMuLanModel(EmbeddingModel):
         with autocast(self.device, self.spec.half):
             for _, idx in group_by(clip_data, lambda t: t.shape[0]).items():
                 out = run_batched([clip_data[i] for i in idx], self._forward, self.spec.batch_size,
-                                  model_name=self.name)
+                                  model_name=self.name, interrupt=self.interrupt)
                 for i, row in zip(idx, out):
                     latents[i] = row
         result = []

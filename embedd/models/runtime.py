@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -151,6 +152,7 @@ def run_batched(
     batch_size: int,
     *,
     model_name: str,
+    interrupt: threading.Event | None = None,
 ) -> list[torch.Tensor]:
     """``forward`` over ``items`` in batches; one output row per item, in order.
 
@@ -163,6 +165,8 @@ def run_batched(
     size = max(1, int(batch_size))
     i = 0
     while i < len(items):
+        if interrupt is not None and interrupt.is_set():
+            raise EmbeddError(Code.CANCELLED, f"model {model_name!r} was stopped: the daemon is shutting down")
         chunk = items[i : i + size]
         try:
             result = forward(chunk)
