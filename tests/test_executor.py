@@ -297,3 +297,4 @@ async def test_stop_cancels_queued_work_and_unloads(running):
     with pytest.raises(EmbeddError) as info:
         await ex.embed_text(Lane.INTERACTIVE, "muq", "after stop")
     assert info.value.code is Code.CANCELLED
+    assert (await blocker).vector.shape == (3,)  # the job that was running finished normally
