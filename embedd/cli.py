@@ -149,8 +149,11 @@ def _print_status(r: dict) -> None:
         )
         text = ", text" if m["text"] else ""
         print(f"  {name:<7} {state:<22} dim {m['dim']:<6} -> {m['collection']}{text}")
-    if r.get("batch"):
-        print("batch: " + render_progress(r["batch"]))
+    batch = r.get("batch")
+    if batch and batch.get("job_id"):
+        print("batch: " + render_progress(batch))
+    else:
+        print("batch: no job has run")
 
 
 def _print_hits(r: dict) -> None:

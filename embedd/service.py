@@ -114,11 +114,7 @@ class Service:
                 roots.extend(Path(p) for p in await self.library.music_roots())
             except EmbeddError as exc:
                 log.warning("cannot read the library roots from Navidrome's database: %s", exc.message)
-        unique: list[Path] = []
-        for root in roots:
-            if root not in unique:
-                unique.append(root)
-        return unique
+        return list(dict.fromkeys(roots))
 
     async def quiesce(self) -> None:
         """Stop taking new work that outlives a request (the batch job), keeping its state consistent."""

@@ -237,7 +237,7 @@ class Settings(BaseSettings):
         description="Close a connection that sent nothing and awaits nothing for this long.",
     )
     shutdown_timeout_s: float = Field(
-        default=8.0,
+        default=7.0,  # every stage shares it, so that SIGTERM to exit stays under 10 s
         gt=0,
         validation_alias=_env("shutdown_timeout_s", "EMBEDD_SHUTDOWN_TIMEOUT_S"),
         description="Grace for in-flight work at SIGTERM before it is cancelled.",
