@@ -312,8 +312,14 @@ def _explain(msgspec_message: str) -> str:
         return f"missing argument {text.removeprefix('Object missing required field ').strip('`')!r}"
     if where:
         path = where.rstrip("`").lstrip(".")
+        if text.startswith("Invalid enum value ") and path.split("[")[0] in _CHOICES:
+            value = text.removeprefix("Invalid enum value ")
+            return f"argument {path!r}: {value} is not one of {', '.join(_CHOICES[path.split('[')[0]])}"
         return f"argument {path!r}: {text[0].lower()}{text[1:]}"
     return text
+
+
+_CHOICES = {"model": MODEL_NAMES, "models": MODEL_NAMES, "vector_format": ("bin", "list")}
 
 
 # ---------------------------------------------------------------------------
