@@ -27,11 +27,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec
 from embedd.models.enrich import enrich
-from embedd.models.runtime import autocast, group_by, local_config, resolve_repo, run_batched, window_spans
+from embedd.models.runtime import (
+    autocast,
+    group_by,
+    local_config,
+    mono_waveform,
+    resolve_repo,
+    run_batched,
+    window_spans,
+)
 
 __all__ = ["HOP_S", "MertModel", "WINDOW_S"]
 
@@ -111,12 +118,7 @@ class MertModel(EmbeddingModel):
         windows: list[np.ndarray] = []
         per_track: list[list[int]] = []  # indices into windows
         for n, wave in enumerate(waveforms):
-            mono = np.asarray(wave, dtype=np.float32)
-            mono = mono.reshape(-1) if mono.ndim == 1 or mono.shape[0] == 1 else mono.mean(axis=0)
-            if mono.size == 0:
-                raise EmbeddError(Code.DECODE_ERROR, f"track {n} has no audio samples for model 'mert'")
-            if mono.size < _MIN_SAMPLES:
-                mono = np.tile(mono, -(-_MIN_SAMPLES // mono.size))
+            mono = mono_waveform(wave, index=n, model_name=self.name, min_samples=_MIN_SAMPLES)
             spans = window_spans(mono.size, WINDOW_S * sr, HOP_S * sr, align_last_to_end=True)
             per_track.append(list(range(len(windows), len(windows) + len(spans))))
             windows.extend(mono[start:end] for start, end in spans)

@@ -71,7 +71,15 @@ from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
 from embedd.models.enrich import enrich
-from embedd.models.runtime import autocast, group_by, local_config, resolve_repo, run_batched, window_spans
+from embedd.models.runtime import (
+    autocast,
+    group_by,
+    local_config,
+    mono_waveform,
+    resolve_repo,
+    run_batched,
+    window_spans,
+)
 
 __all__ = ["HOP_S", "MuQMuLanModel", "WINDOW_S", "resolve_submodel"]
 
@@ -193,12 +201,7 @@ class MuQMuLanModel(EmbeddingModel):
         seen: dict[tuple[int, object], int] = {}
         windows: list[list[list[int]]] = []  # per track, per window: indices into clip_data
         for n, wave in enumerate(waveforms):
-            mono = np.asarray(wave, dtype=np.float32)
-            mono = mono.reshape(-1) if mono.ndim == 1 or mono.shape[0] == 1 else mono.mean(axis=0)
-            if mono.size == 0:
-                raise EmbeddError(Code.DECODE_ERROR, f"track {n} has no audio samples for model 'muq'")
-            if mono.size < _MIN_SAMPLES:
-                mono = np.tile(mono, -(-_MIN_SAMPLES // mono.size))
+            mono = mono_waveform(wave, index=n, model_name=self.name, min_samples=_MIN_SAMPLES)
             audio = torch.from_numpy(np.ascontiguousarray(mono)).to(self.device)
             track_windows = []
             for start, end in window_spans(audio.shape[0], WINDOW_S * self._sr, HOP_S * self._sr,

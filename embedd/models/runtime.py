@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 from embedd.errors import Code, EmbeddError
@@ -111,6 +112,17 @@ def resolve_file(source: str, filename: str, cache_dir: str | None) -> str:
 
 
 # -- windows -------------------------------------------------------------
+def mono_waveform(wave: np.ndarray, *, index: int, model_name: str, min_samples: int) -> np.ndarray:
+    """A track as one float32 channel of at least ``min_samples`` (a shorter track is tiled)."""
+    mono = np.asarray(wave, dtype=np.float32)
+    mono = mono.reshape(-1) if mono.ndim == 1 or mono.shape[0] == 1 else mono.mean(axis=0)
+    if mono.size == 0:
+        raise EmbeddError(Code.DECODE_ERROR, f"track {index} has no audio samples for model {model_name!r}")
+    if mono.size < min_samples:
+        mono = np.tile(mono, -(-min_samples // mono.size))
+    return mono
+
+
 def window_spans(n: int, window: int, hop: int, *, align_last_to_end: bool) -> list[tuple[int, int]]:
     """Sample spans ``[start, end)`` of the windows of an ``n``-sample signal.
 
