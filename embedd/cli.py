@@ -26,9 +26,6 @@ from embedd.settings import SettingsInvalid, add_settings_arguments, default_soc
 
 __all__ = ["main"]
 
-FINAL_STATUSES = {"idle", "completed", "completed_with_errors", "failed", "cancelled"}
-
-
 # ---------------------------------------------------------------------------
 # serve
 # ---------------------------------------------------------------------------

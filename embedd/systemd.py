@@ -32,10 +32,6 @@ class Notifier:
         self._address = "\0" + address[1:] if address.startswith("@") else address
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
-    @property
-    def enabled(self) -> bool:
-        return self._socket is not None
-
     def notify(self, **fields: str | int) -> bool:
         """Send e.g. ``notify(READY=1, STATUS="serving")``; False if it could not be sent."""
         if self._socket is None:
