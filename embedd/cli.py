@@ -2,7 +2,9 @@
 
 Client subcommands print something a person can read, or the raw result with
 ``--json`` for scripts, and exit non-zero with the daemon's own sentence when
-it answers an error (exit 1), or when it cannot be reached (exit 3).
+it answers an error (exit 1), or when it cannot be reached (exit 3). Following
+a batch job exits 0 when it finished (``completed`` or ``completed_with_errors``)
+and 1 when it ``failed`` or was ``cancelled``.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from embedd import __version__
 from embedd.errors import EmbeddError
-from embedd.models import MODEL_NAMES
+from embedd.models import DEFAULT_JOB_MODELS, MODEL_NAMES
+from embedd.protocol import DEFAULT_MODEL
 from embedd.settings import SettingsInvalid, add_settings_arguments, default_socket_path, settings_from_args
+
+if TYPE_CHECKING:
+    from embedd.client import Client
 
 __all__ = ["main"]
 
@@ -151,6 +157,25 @@ def _print_status(r: dict) -> None:
         print("batch: " + render_progress(batch))
     else:
         print("batch: no job has run")
+    for c in r.get("legacy_collections") or []:
+        where = "still serves its public name" if c["serving"] else "kept; embedd drop-legacy removes it"
+        print(f"legacy: {c['collection']} ({c['model']}, {_rows(c['rows'])}): {where}")
+
+
+def _rows(n: int | None) -> str:
+    return "? rows" if n is None else f"{n} rows"
+
+
+def _print_drop_legacy(r: dict) -> None:
+    found = r["collections"]
+    if not found:
+        print("no legacy collection to drop")
+        return
+    verb = "dropped" if r["dropped"] else "would drop"
+    for c in found:
+        print(f"{verb} {c['collection']} ({c['model']}, {_rows(c['rows'])})")
+    if not r["dropped"]:
+        print("run again with --yes to drop them")
 
 
 def _print_hits(r: dict) -> None:
@@ -197,7 +222,7 @@ async def _run_client(args: argparse.Namespace) -> int:
             call_args = {"model": args.model} if args.model else {}
             out(await client.call("unload", **call_args), lambda r: print("unloaded: " + (", ".join(r["unloaded"]) or "nothing")))
         elif cmd == "embed":
-            call_args = {"path": str(Path(args.file).absolute()), "models": args.models or ["muq"], "store": args.store}
+            call_args = {"path": str(Path(args.file).absolute()), "models": args.models or [DEFAULT_MODEL], "store": args.store}
             if args.track_id:
                 call_args["track_id"] = args.track_id
             out(await client.call("embed_file", **call_args), _print_embed)
@@ -215,10 +240,24 @@ async def _run_client(args: argparse.Namespace) -> int:
             out(await client.call("search", **call_args), _print_hits)
         elif cmd == "batch":
             return await _run_batch(client, args, out)
+        elif cmd == "drop-legacy":
+            call_args = {"confirm": args.yes, **({"model": args.model} if args.model else {})}
+            out(await client.call("drop_legacy", **call_args), _print_drop_legacy)
     return 0
 
 
-async def _follow(client: Any, as_json: bool) -> dict:
+#: Final job states that are a finished job, not a command-line error: some tracks failing
+#: (``completed_with_errors``; see ``batch failures``) is an answer, like ``grep`` finding nothing.
+_FINISHED_STATUSES = ("completed", "completed_with_errors", "idle")
+
+
+def _final_exit_code(progress: dict) -> int:
+    """``--follow``/``watch``: 0 when the job finished (some tracks may have failed), 1 when it
+    failed or was cancelled."""
+    return 0 if progress.get("status") in _FINISHED_STATUSES else 1
+
+
+async def _follow(client: Client, as_json: bool) -> dict:
     last: dict = {}
     tty = sys.stdout.isatty() and not as_json
     async for progress in client.stream("batch_watch"):
@@ -234,7 +273,7 @@ async def _follow(client: Any, as_json: bool) -> dict:
     return last
 
 
-async def _run_batch(client: Any, args: argparse.Namespace, out: Callable) -> int:
+async def _run_batch(client: Client, args: argparse.Namespace, out: Callable) -> int:
     action = args.action
     if action == "start":
         call_args: dict[str, Any] = {"clear_existing": args.clear_existing}
@@ -246,12 +285,12 @@ async def _run_batch(client: Any, args: argparse.Namespace, out: Callable) -> in
         out(r, lambda r: print(f"started job {r['job_id']} over {r['total_tracks']} tracks"))
         if args.follow:
             final = await _follow(client, args.json)
-            return 0 if final.get("status") in ("completed", "idle") else 1
+            return _final_exit_code(final)
     elif action == "progress":
         out(await client.call("batch_progress"), lambda r: print(render_progress(r)))
     elif action == "watch":
         final = await _follow(client, args.json)
-        return 0 if final.get("status") in ("completed", "idle") else 1
+        return _final_exit_code(final)
     elif action in ("pause", "resume"):
         out(await client.call(f"batch_{action}"), lambda r: print(render_progress(r)))
     elif action == "cancel":
@@ -285,25 +324,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", parents=[client_opts], help="embed an audio file")
     p.add_argument("file")
-    p.add_argument("-m", "--model", dest="models", action="append", choices=MODEL_NAMES, help="repeatable; default muq")
+    p.add_argument(
+        "-m", "--model", dest="models", action="append", choices=MODEL_NAMES, help=f"repeatable; default {DEFAULT_MODEL}"
+    )
     p.add_argument("--store", action="store_true", help="upsert into Milvus (needs --track-id)")
     p.add_argument("--track-id")
 
     p = sub.add_parser("text", parents=[client_opts], help="embed a text query")
     p.add_argument("text")
-    p.add_argument("-m", "--model", default="muq", choices=MODEL_NAMES)
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, choices=MODEL_NAMES)
 
     p = sub.add_parser("search", parents=[client_opts], help="similar tracks, by text or by a stored track")
     p.add_argument("text", nargs="?", help="a text query (muq)")
     p.add_argument("--track-id", help="tracks similar to this stored track")
-    p.add_argument("-m", "--model", default="muq", choices=MODEL_NAMES)
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, choices=MODEL_NAMES)
     p.add_argument("-n", "--limit", type=int, default=20)
     p.add_argument("--exclude", action="append", metavar="TRACK_ID")
+
+    p = sub.add_parser(
+        "drop-legacy", parents=[client_opts], help="drop the original system's collections embedd moved aside",
+        description="List the collections of the system embedd replaced that embedd moved aside when its own set "
+        "took over their names (<collection>__legacy); with --yes, drop them. Collections still serving a public name "
+        "are never dropped.",
+    )  # fmt: skip
+    p.add_argument("-m", "--model", choices=MODEL_NAMES, help="only this model's; default all")
+    p.add_argument("--yes", action="store_true", help="drop them (without it, only say what would be dropped)")
 
     batch = sub.add_parser("batch", help="re-embed the whole library")
     bsub = batch.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = bsub.add_parser("start", parents=[client_opts], help="start a job")
-    p.add_argument("-m", "--model", dest="models", action="append", choices=MODEL_NAMES, help="repeatable; default all")
+    p.add_argument(
+        "-m", "--model", dest="models", action="append", choices=MODEL_NAMES,
+        help=f"repeatable; default {', '.join(DEFAULT_JOB_MODELS)}",
+    )  # fmt: skip
     p.add_argument("--clear-existing", action="store_true", help="re-embed every track (old vectors stay until done)")
     p.add_argument("--shard", help="i/n: embed only shard i of n")
     p.add_argument("-f", "--follow", action="store_true", help="draw live progress until the job ends")

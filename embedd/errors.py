@@ -14,7 +14,7 @@ __all__ = ["Code", "EmbeddError", "StartupError"]
 
 
 class Code(str, enum.Enum):
-    """The error codes of ``shared/PROTOCOL.md``; the value is what goes on the wire."""
+    """The error codes of ``docs/protocol.md``; the value is what goes on the wire."""
 
     BAD_FRAME = "bad_frame"
     BAD_REQUEST = "bad_request"

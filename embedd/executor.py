@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from embedd.errors import Code, EmbeddError
-from embedd.models import backend_class
+from embedd.models import CATALOG, backend_class
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
 
 __all__ = ["Executor", "Lane", "ModelRegistry", "ModelState", "resolve_device"]
@@ -46,6 +46,10 @@ T = TypeVar("T")
 #: forward batches, small enough that an interactive job never waits long.
 COALESCE_MAX_TRACKS = 16
 COALESCE_MAX_SAMPLES = 24_000 * 60 * 20
+#: A model that failed to load answers ``unavailable`` at once for this long, doubling per
+#: failure up to the maximum; the ``unload`` op (or a restart) clears it.
+LOAD_BACKOFF_S = 30.0
+LOAD_BACKOFF_MAX_S = 600.0
 
 
 class Lane(enum.IntEnum):
@@ -97,6 +101,8 @@ class ModelRegistry:
         self._last_used: dict[str, float] = {}
         self._dims: dict[str, int] = {}
         self._errors: dict[str, str] = {}
+        self._retry_at: dict[str, float] = {}  # a model that failed to load is not retried before this
+        self._backoff_s: dict[str, float] = {}
         self.interrupt = threading.Event()  # set at shutdown: running forward passes stop between batches
 
     @property
@@ -118,13 +124,27 @@ class ModelRegistry:
         """The loaded model, loading it first if needed; renews its idle timer."""
         model = self._instance(name)
         if not model.loaded:
+            retry_at = self._retry_at.get(name)
+            if retry_at is not None and self._clock() < retry_at:
+                raise EmbeddError(
+                    Code.UNAVAILABLE,
+                    f"{self._errors[name]} (next load attempt in {retry_at - self._clock():.0f} s)",
+                )
             started = time.perf_counter()
             try:
                 model.load()
             except EmbeddError as exc:
+                # Loading can cost tens of seconds of hub retries: fail fast for a while
+                # instead of paying that on every request, and say so once in the log.
+                delay = min(LOAD_BACKOFF_MAX_S, self._backoff_s.get(name, LOAD_BACKOFF_S / 2) * 2)
+                self._backoff_s[name] = delay
+                self._retry_at[name] = self._clock() + delay
                 self._errors[name] = exc.message
+                log.error("%s; next attempt in %.0f s at the earliest", exc.message, delay)
                 raise
             self._errors.pop(name, None)
+            self._retry_at.pop(name, None)
+            self._backoff_s.pop(name, None)
             self._dims[name] = model.dim
             log.info("loaded model %s from %s in %.1f s", name, model.spec.source, time.perf_counter() - started)
         self._last_used[name] = self._clock()
@@ -134,8 +154,14 @@ class ModelRegistry:
         for name in self._preload:
             try:
                 self.get(name)
-            except EmbeddError as exc:
-                log.error("preloading %s failed: %s", name, exc.message)
+            except EmbeddError:
+                pass  # logged by get(); status shows it
+
+    def forget_failures(self, name: str | None = None) -> None:
+        """Let the next request try loading again at once (the operator fixed the weights)."""
+        for n in [name] if name else list(self._retry_at):
+            self._retry_at.pop(n, None)
+            self._backoff_s.pop(n, None)
 
     def unload(self, name: str) -> bool:
         model = self._models.get(name)
@@ -229,6 +255,8 @@ class Executor:
         self._snapshot: dict[str, ModelState] = {}
         self._failed: str | None = None
         self._described = threading.Event()  # set once the thread knows every model's dims
+        #: Seconds of audio embedded per model (requests and batch alike), for /metrics.
+        self.audio_seconds: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle (event loop side) -----------------------------------------
     def start(self) -> None:
@@ -260,6 +288,11 @@ class Executor:
     def snapshot(self) -> dict[str, ModelState]:
         return self._snapshot
 
+    def model_dim(self, name: str) -> int:
+        """The model's stored dim: from the loaded model or its config, else the catalogue's."""
+        state = self._snapshot.get(name)
+        return state.dim if state and state.dim else CATALOG[name].nominal_dim
+
     async def described(self, timeout: float = 30.0) -> None:
         """Wait (briefly, at start-up) until the thread has read every model's config."""
         if not self._described.is_set():
@@ -273,13 +306,16 @@ class Executor:
     async def embed_audio(self, lane: Lane, model: str, waveform: np.ndarray) -> AudioEmbedding:
         """Embed one track; coalesced with other queued tracks of the same model."""
         job = _Job(lane, asyncio.get_running_loop().create_future(), model=model, waveform=waveform)
-        return await self._submit(job)
+        embedding = await self._submit(job)
+        self.audio_seconds[model] += waveform.shape[-1] / CATALOG[model].sample_rate
+        return embedding
 
     async def embed_text(self, lane: Lane, model: str, text: str) -> TextEmbedding:
         return await self.call(lane, lambda registry: registry.get(model).embed_text(text))
 
     async def unload(self, name: str | None = None) -> list[str]:
         def _unload(registry: ModelRegistry) -> list[str]:
+            registry.forget_failures(name)
             if name is None:
                 return registry.unload_all()
             return [name] if registry.unload(name) else []
@@ -317,6 +353,10 @@ class Executor:
     def _run(self) -> None:
         try:
             self.device = resolve_device(self._requested_device)
+            if self.device == "cpu":
+                from embedd.models.runtime import use_available_cores
+
+                log.info("models run on %d CPU threads", use_available_cores())
             registry = self._registry = self._registry_builder(self.device)
             for name in registry.names:
                 registry.describe(name)

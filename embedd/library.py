@@ -70,11 +70,14 @@ import aiosqlite
 from embedd.errors import Code, EmbeddError
 
 __all__ = [
+    "Artist",
+    "Identity",
     "Layout",
     "NavidromeLibrary",
     "Shard",
     "Track",
     "parse_shard",
+    "require_library",
     "shard_of",
 ]
 
@@ -84,6 +87,17 @@ Layout = Literal["relative", "absolute"]
 _REQUIRED_COLUMNS = frozenset({"id", "path", "title", "artist", "album", "duration", "size", "updated_at"})
 _COUNT_PAGE = 10_000  # ids per count() statement: a short read, few round trips
 _BUSY_TIMEOUT_MS = 5_000  # a WAL reader only waits during WAL recovery
+_IN_BATCH = 500  # values per ``IN (...)`` list: under every SQLite build's variable limit (999 before 3.32)
+
+
+def require_library(library: "NavidromeLibrary | None") -> "NavidromeLibrary":
+    """The configured library, or the contract error saying that none is."""
+    if library is None:
+        raise EmbeddError(
+            Code.UNAVAILABLE,
+            "no Navidrome database is configured; set NAVIDROME_DB_PATH (or --navidrome-db)",
+        )
+    return library
 
 
 # ---------------------------------------------------------------- shards
@@ -146,6 +160,16 @@ def parse_shard(text: object, *, argument: str = "shard") -> Shard:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Artist:
+    """An artist as Navidrome's tracks name it (for the similarity API), with its present tracks."""
+
+    artist_id: str | None  # media_file.artist_id; None when the database has none
+    name: str
+    tracks: tuple[tuple[str, str], ...]  # (track id, title), by id
+
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Track:
     """One library track as the daemon sees it."""
 
@@ -165,6 +189,14 @@ class Track:
         title = self.title.strip() or os.path.splitext(os.path.basename(self.path))[0] or self.track_id
         artist = self.artist.strip()
         return f"{artist} - {title}" if artist else title
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a stored track is in Navidrome today: what its matcher needs to resolve a suggestion."""
+
+    track_id: str  # the current media_file.id of the file (differs from the stored one after an id migration)
+    mbid: str  # MusicBrainz recording id; "" when untagged or the schema has none
 
 
 _TIME_RE = re.compile(
@@ -219,6 +251,8 @@ class _Schema:
     layout: Layout
     has_library_table: bool
     has_missing: bool
+    #: the MusicBrainz recording id's column: mbz_track_id (2020), renamed mbz_recording_id in 2023; None before
+    mbid_column: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -331,7 +365,8 @@ class NavidromeLibrary:
             has_library_table = await cur.fetchone() is not None
         has_missing = "missing" in columns
         relative = has_missing and has_library_table and "library_id" in columns
-        return _Schema("relative" if relative else "absolute", has_library_table, has_missing)
+        mbid_column = next((c for c in ("mbz_recording_id", "mbz_track_id") if c in columns), None)
+        return _Schema("relative" if relative else "absolute", has_library_table, has_missing, mbid_column)
 
     async def layout(self) -> Layout:
         """Which path layout the database uses (for ``status`` and logs)."""
@@ -400,6 +435,21 @@ class NavidromeLibrary:
             file_mtime=parse_navidrome_time(updated_at),
             library_id=int(library_id) if library_id is not None else None,
         )
+
+    @staticmethod
+    def _stored_path(full: str, roots: _Roots, schema: _Schema) -> tuple[int | None, str] | None:
+        """The (library id, media_file.path) a daemon-visible path was read from: :meth:`_track` backwards."""
+        norm = os.path.normpath(full)
+        if schema.layout == "relative":
+            for lib_id, root in roots.libraries.items():
+                if norm.startswith(root.rstrip("/") + "/"):
+                    return lib_id, norm[len(root.rstrip("/")) + 1 :]
+            return None
+        if roots.original is not None and roots.replacement is not None:
+            replacement = roots.replacement.rstrip("/")
+            if norm.startswith(replacement + "/"):
+                return None, os.path.normpath(roots.original + "/" + norm[len(replacement) + 1 :])
+        return None, norm
 
     @staticmethod
     def _select(schema: _Schema) -> str:
@@ -504,6 +554,46 @@ class NavidromeLibrary:
             after = str(rows[-1][0])
             del rows
 
+    async def find_artists(self, keys: list[str], *, max_tracks: int = 50) -> dict[str, Artist]:
+        """Each key that is an artist id or (case-insensitively) an artist name, with that artist.
+
+        One scan of ``media_file`` per 200 keys; an artist's first ``max_tracks``
+        present tracks by id. Schemas without ``artist_id`` match names only.
+        """
+        found: dict[str, Artist] = {}
+        async with self._connect() as (db, schema):
+            filt, _ = self._filters(schema, None)
+            for start in range(0, len(keys), 200):
+                chunk = keys[start : start + 200]
+                names = list({*chunk, *(k.lower() for k in chunk)})
+                marks = ", ".join("?" * len(names))
+                where = f"(artist IN ({marks}) OR lower(artist) IN ({marks}))"
+                try:
+                    rows = await self._fetchall(
+                        db,
+                        f"SELECT artist_id, artist, id, title FROM media_file WHERE ({where} OR artist_id IN "
+                        f"({', '.join('?' * len(chunk))})){filt} ORDER BY id",
+                        (*names, *names, *chunk),
+                    )
+                except EmbeddError:  # no artist_id column (not in every schema): names only
+                    rows = await self._fetchall(
+                        db, f"SELECT NULL, artist, id, title FROM media_file WHERE {where}{filt} ORDER BY id", (*names, *names)
+                    )
+                by_id = {k: k for k in chunk}
+                by_name = {k.casefold(): k for k in chunk}
+                collected: dict[str, tuple[str | None, str, list[tuple[str, str]]]] = {}
+                for artist_id, name, track_id, title in rows:
+                    key = by_id.get(artist_id) if artist_id else None
+                    key = key or by_name.get((name or "").casefold())
+                    if key is None:
+                        continue
+                    entry = collected.setdefault(key, (artist_id or None, name or "", []))
+                    if len(entry[2]) < max_tracks and (entry[0] is None or artist_id in (None, "", entry[0])):
+                        entry[2].append((str(track_id), title or ""))
+                for key, (artist_id, name, tracks) in collected.items():
+                    found[key] = Artist(artist_id, name, tuple(tracks))
+        return found
+
     async def get_track(self, track_id: str) -> Track | None:
         """One present track by id; None when unknown or marked missing."""
         async with self._connect() as (db, schema):
@@ -513,3 +603,45 @@ class NavidromeLibrary:
                 return None
             roots = await self._roots(db, schema)
         return self._track(tuple(rows[0]), roots, schema)
+
+    async def identify(self, stored: list[tuple[str, str]]) -> dict[str, Identity]:
+        """Navidrome's current id and MusicBrainz id of stored tracks, given as (stored id, stored path).
+
+        By id first; a stored id that Navidrome no longer has (its canonical-id
+        migration after v0.63.2 renames most tracks while paths stay) is found by
+        its path, so an answer names the track Navidrome has now even before a
+        batch job re-keys the vectors. Tracks found neither way are left out.
+        """
+        if not stored:
+            return {}
+        async with self._connect() as (db, schema):
+            mbid = f"coalesce({schema.mbid_column}, '')" if schema.mbid_column else "''"
+            filt, _ = self._filters(schema, None)
+            ids = list(dict.fromkeys(tid for tid, _ in stored))
+            found: dict[str, Identity] = {}
+            for start in range(0, len(ids), _IN_BATCH):
+                batch = ids[start : start + _IN_BATCH]
+                marks = ", ".join("?" * len(batch))
+                sql = f"SELECT id, {mbid} FROM media_file WHERE id IN ({marks}){filt}"
+                for tid, mb in await self._fetchall(db, sql, tuple(batch)):
+                    found[str(tid)] = Identity(str(tid), str(mb or ""))
+            lost = [(tid, path) for tid, path in stored if tid not in found and path]
+            if not lost:
+                return found
+            roots = await self._roots(db, schema)
+            wanted: dict[tuple[int | None, str], str] = {}
+            for tid, path in lost:
+                key = self._stored_path(path, roots, schema)
+                if key is not None:
+                    wanted[key] = tid
+            library_id = "library_id" if schema.layout == "relative" else "NULL"
+            paths = list(dict.fromkeys(p for _, p in wanted))
+            for start in range(0, len(paths), _IN_BATCH):
+                batch = paths[start : start + _IN_BATCH]
+                marks = ", ".join("?" * len(batch))
+                sql = f"SELECT id, {mbid}, {library_id}, path FROM media_file WHERE path IN ({marks}){filt}"
+                for tid, mb, lib_id, path in await self._fetchall(db, sql, tuple(batch)):
+                    old = wanted.get((int(lib_id) if lib_id is not None else None, path))
+                    if old is not None:
+                        found[old] = Identity(str(tid), str(mb or ""))
+        return found

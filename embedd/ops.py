@@ -9,18 +9,21 @@ streaming handlers are async generators of ``(result, more)`` pairs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 
 import numpy as np
 
 from embedd import PROTOCOL_VERSION
+from embedd.embedding import decode_targets, embed_decoded
 from embedd.errors import Code, EmbeddError
 from embedd.executor import Lane
-from embedd.models import CATALOG
+from embedd.models import CATALOG, text_model_hint
 from embedd.protocol import (
     OP_SCHEMAS,
     EmbedFileArgs,
+    DropLegacyArgs,
     Handler,
     EmbedTextArgs,
     NoArgs,
@@ -45,9 +48,10 @@ def build_handlers(service: Service) -> dict[str, Handler]:
             "version": service.version,
             "device": service.executor.device,
             "models": service.models_view(),
-            "batch": service.batch.progress(),
+            "batch": service.batch.progress.view(),
             "queue": service.executor.queue_depths,
-            "milvus": {"uri": service.settings.resolved_milvus_uri, "ok": await service.milvus_ok()},
+            "milvus": {"uri": service.settings.resolved_milvus_uri, "ok": await service.store_io.ok()},
+            "legacy_collections": await service.store_io.legacy_view(),
         }
 
     async def unload(args: UnloadArgs) -> dict:
@@ -59,7 +63,7 @@ def build_handlers(service: Service) -> dict[str, Handler]:
     async def embed_text(args: EmbedTextArgs) -> dict:
         info = CATALOG[args.model]
         if not info.text:
-            raise EmbeddError(Code.UNSUPPORTED, f"model {args.model!r} cannot embed text; use 'muq'")
+            raise EmbeddError(Code.UNSUPPORTED, f"model {args.model!r} cannot embed text; {text_model_hint()}")
         text = await service.executor.embed_text(Lane.INTERACTIVE, args.model, args.text)
         return {
             "model": args.model,
@@ -72,6 +76,9 @@ def build_handlers(service: Service) -> dict[str, Handler]:
         await service.executor.described()
         return await _search(service, args)
 
+    async def drop_legacy(args: DropLegacyArgs) -> dict:
+        return await service.store_io.drop_legacy(args.model, confirm=args.confirm)
+
     handlers = {
         "ping": Handler(ping, inline=True),
         "status": Handler(status),
@@ -79,6 +86,7 @@ def build_handlers(service: Service) -> dict[str, Handler]:
         "embed_file": Handler(embed_file),
         "embed_text": Handler(embed_text),
         "search": Handler(search),
+        "drop_legacy": Handler(drop_legacy),
     }
     handlers.update(service.batch.handlers())
     missing = set(OP_SCHEMAS) - set(handlers)
@@ -89,19 +97,14 @@ def build_handlers(service: Service) -> dict[str, Handler]:
 async def _embed_file(service: Service, args: EmbedFileArgs) -> dict:
     decoder = service.decoder
     assert decoder is not None, "embed_file before the service started"
-    targets = {(CATALOG[m].sample_rate, CATALOG[m].channels) for m in args.models}
+    targets = decode_targets(args.models)
     if args.path is not None:
         audio = await decoder.decode_path(args.path, targets)
     else:
         audio = await decoder.decode_bytes(args.data, args.filename, targets)
-
-    async def one(model: str):
-        info = CATALOG[model]
-        return await service.executor.embed_audio(
-            Lane.INTERACTIVE, model, audio.waveform(info.sample_rate, info.channels)
-        )
-
-    embeddings = dict(zip(args.models, await asyncio.gather(*(one(m) for m in args.models)), strict=True))
+    embed = functools.partial(service.executor.embed_audio, Lane.INTERACTIVE)
+    # The audio is released once the models are done: the store write below needs only its duration.
+    embeddings = await embed_decoded(audio, args.models, embed)
 
     if args.store:
         path = args.path or ""
@@ -119,21 +122,21 @@ async def _embed_file(service: Service, args: EmbedFileArgs) -> dict:
 
         def write(store) -> None:
             for model, emb in embeddings.items():
-                service.prepare_store(store, model, int(emb.vector.shape[-1]))
+                service.store_io.prepare(store, model, int(emb.vector.shape[-1]))
                 row = TrackRow(
                     track_id=args.track_id,
                     vector=emb.vector,
                     path=path,
                     title=title,
                     duration_s=audio.duration_s,
-                    model_id=service.settings.model_source(model),
+                    model_id=service.settings.model_id(model),
                     file_size=size,
                     file_mtime=mtime,
                     embedded_at=now,
                 )
                 store.upsert(model, [row])
 
-        await service.store_io(write)
+        await service.store_io.call(write)
 
     return {
         "duration_s": audio.duration_s,
@@ -152,7 +155,7 @@ async def _search(service: Service, args: SearchArgs) -> dict:
     model = args.model
     if args.text is not None:
         if not CATALOG[model].text:
-            raise EmbeddError(Code.UNSUPPORTED, f"model {model!r} cannot search by text; use 'muq'")
+            raise EmbeddError(Code.UNSUPPORTED, f"model {model!r} cannot search by text; {text_model_hint()}")
         query = (await service.executor.embed_text(Lane.INTERACTIVE, model, args.text)).vector
     elif args.vector is not None:
         query = decode_vector(args.vector)
@@ -160,12 +163,12 @@ async def _search(service: Service, args: SearchArgs) -> dict:
         query = None
     # The collection is prepared for the model's own dim; a query vector of another
     # length is then the client's mistake (bad_request from the store), not a new collection.
-    dim = service.model_dim(model)
+    dim = service.executor.model_dim(model)
     track_id = args.track_id
     exclude = list(args.exclude_track_ids)
 
     def run(store) -> list:
-        service.prepare_store(store, model, dim, any_dim=query is None)
+        service.store_io.prepare(store, model, dim, any_dim=query is None)
         vector = query
         if vector is None:
             vector = store.get_vector(model, track_id)
@@ -175,7 +178,7 @@ async def _search(service: Service, args: SearchArgs) -> dict:
                 )
         return store.search(model, np.asarray(vector, dtype=np.float32), args.limit, exclude)
 
-    hits = await service.store_io(run)
+    hits = await service.store_io.call(run)
     return {
         "hits": [
             {

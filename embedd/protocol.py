@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Annotated, Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal
 
 import msgpack
 import msgspec
 import numpy as np
 
 from embedd.errors import Code, EmbeddError
-from embedd.models import MODEL_NAMES
+from embedd.models import DEFAULT_JOB_MODELS, MODEL_NAMES
 
 __all__ = [
     "FrameDecoder",
@@ -128,9 +128,13 @@ def decode_body(body: bytes) -> dict[str, Any]:
 # rejected by msgspec with a message naming the argument.
 # ---------------------------------------------------------------------------
 
-ModelName = Literal["muq", "mert", "latent"]
+if TYPE_CHECKING:
+    ModelName = str
+else:
+    # One literal per catalogued model: msgspec rejects any other name.
+    ModelName = Literal[MODEL_NAMES]
 VectorFormat = Literal["bin", "list"]
-assert set(ModelName.__args__) == set(MODEL_NAMES)  # type: ignore[attr-defined]
+DEFAULT_MODEL = "muq"  # the contract's default for embed_file and embed_text
 
 
 class Args(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -154,7 +158,9 @@ class EmbedFileArgs(Args):
     path: str | None = None
     data: bytes | None = None
     filename: str | None = None
-    models: Annotated[list[ModelName], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["muq"])
+    models: Annotated[list[ModelName], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: [DEFAULT_MODEL]
+    )
     store: bool = False
     track_id: str | None = None
     name: str | None = None
@@ -177,7 +183,7 @@ class EmbedFileArgs(Args):
 
 class EmbedTextArgs(Args):
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=10_000)]
-    model: ModelName = "muq"
+    model: ModelName = DEFAULT_MODEL
     vector_format: VectorFormat = "bin"
 
     def check(self) -> None:
@@ -207,7 +213,7 @@ class SearchArgs(Args):
 
 class BatchStartArgs(Args):
     models: Annotated[list[ModelName], msgspec.Meta(min_length=1)] = msgspec.field(
-        default_factory=lambda: list(MODEL_NAMES)
+        default_factory=lambda: list(DEFAULT_JOB_MODELS)
     )
     clear_existing: bool = False
     shard: str | None = None
@@ -227,6 +233,11 @@ class BatchFailuresArgs(Args):
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
+class DropLegacyArgs(Args):
+    model: ModelName | None = None  # None: every model
+    confirm: bool = False  # False: only say what would be dropped
+
+
 OP_SCHEMAS: dict[str, type[Args]] = {
     "ping": NoArgs,
     "status": NoArgs,
@@ -241,6 +252,7 @@ OP_SCHEMAS: dict[str, type[Args]] = {
     "batch_pause": NoArgs,
     "batch_resume": NoArgs,
     "batch_failures": BatchFailuresArgs,
+    "drop_legacy": DropLegacyArgs,
 }
 
 _NO_ARGS = NoArgs()

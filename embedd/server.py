@@ -7,7 +7,9 @@ cancel what is left, stop the service (checkpoint the batch job, unload the
 models), remove the socket.
 
 Where we listen is a *site* (the aiohttp shape): a socket path we bind
-ourselves, or a socket systemd passed us. The server never cares which.
+ourselves, or a socket systemd passed us. The server never cares which. With
+``--http`` an :class:`~embedd.http.site.HttpSite` serves the same op table
+over HTTP on this loop; it binds with the others and stops with them.
 
 Each connection is an ``asyncio.Protocol``: bytes in, frames out of the
 :class:`~embedd.protocol.FrameDecoder`, one task per request (cheap ops are
@@ -26,10 +28,12 @@ import signal
 import socket
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedd.errors import Code, EmbeddError, StartupError
+from embedd.http.context import HttpContext
 from embedd.lockfile import take_lock
+from embedd.metrics import Metrics
 from embedd.ops import build_handlers
 from embedd.protocol import (
     FrameDecoder,
@@ -44,6 +48,9 @@ from embedd.protocol import (
 from embedd.service import Service
 from embedd.settings import Settings
 from embedd.systemd import Notifier, inherited_sockets, watchdog_interval_s
+
+if TYPE_CHECKING:
+    from embedd.http.site import HttpSite
 
 __all__ = ["Server", "StartupError"]
 
@@ -273,6 +280,7 @@ class Connection(asyncio.Protocol):
         try:
             request = parse_request(message)
         except EmbeddError as exc:
+            self._server.metrics.rejected(message.get("op"), exc.code.value)
             self._send(error_response(rid, exc))
             return
         handler: Handler = self._handlers[request.op]
@@ -369,7 +377,10 @@ class Server:
     def __init__(self, settings: Settings, service: Service | None = None) -> None:
         self.settings = settings
         self.service = service or Service(settings)
-        self.handlers: dict[str, Handler] = build_handlers(self.service)
+        self.ops: dict[str, Handler] = build_handlers(self.service)  # what each op does
+        self.metrics = Metrics(self.service)
+        self.handlers: dict[str, Handler] = self.metrics.instrument(self.ops)  # what clients reach: counted
+        self._http: HttpSite | None = None
         self.connections: set[Connection] = set()
         self.notifier = Notifier()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -396,10 +407,18 @@ class Server:
         inherited = inherited_sockets()
         self._sites = [InheritedSite(s) for s in inherited] or [UnixSite(self.settings.socket, self.settings.socket_mode)]
         socks = [site.open() for site in self._sites]  # fails before we start anything heavy
+        if (address := self.settings.http_address) is not None:
+            from embedd.http.site import HttpSite  # aiohttp only when HTTP is on
+
+            ctx = HttpContext(self.settings, self.service, self.handlers, self.ops, self.metrics)
+            self._http = HttpSite(address, ctx)
+            self._http.open()
         await self.service.start()
         for sock in socks:
             listener = await self.loop.create_unix_server(lambda: Connection(self), sock=sock, backlog=512)
             self._listeners.append(listener)
+        if self._http is not None:
+            await self._http.start()
         where = ", ".join(map(str, self._sites))
         log.info("embedd serving on %s (pid %d)", where, os.getpid())
         self.notifier.notify(READY=1, STATUS=self.service.status_line())
@@ -422,6 +441,8 @@ class Server:
         log.info("shutting down")
         for listener in self._listeners:
             listener.close()
+        # HTTP stops accepting now and drains its in-flight requests alongside the socket's.
+        http_stopped = self.loop.create_task(self._http.stop()) if self._http is not None else None
         for task in self._background:
             task.cancel()
         await self.service.quiesce()  # the batch job stops taking tracks and checkpoints
@@ -443,6 +464,8 @@ class Server:
         for conn in list(self.connections):
             conn.close_idle()  # ...but never wait on a client that does not read them
 
+        if http_stopped is not None:
+            await asyncio.wait({http_stopped}, timeout=max(0.1, deadline - self.loop.time() - 1.0))
         await self.service.stop(timeout=max(0.5, deadline - self.loop.time()))
         await self._close_sites()
         self.notifier.notify(STATUS="stopped")
@@ -454,6 +477,8 @@ class Server:
             listener.close()
         for site in self._sites:
             site.close()
+        if self._http is not None:
+            self._http.close()
 
     async def _housekeeping(self) -> None:
         """Close idle connections; keep systemd's STATUS line current."""

@@ -1,34 +1,65 @@
 """The daemon's one typed settings object, built once at start-up.
 
 Precedence, highest first: command-line flags > environment > TOML file >
-defaults. The environment names of the system embedd replaces
-(``NAVIDROME_MILVUS_URI``, ``NAVIDROME_DB_PATH``, ``NAVIDROME_MUSIC_ROOT``,
-``LOG_DIR``) keep working beside embedd's own ``EMBEDD_*`` names. Every field's
-description doubles as its ``embedd serve --help`` text, so the help can never
-drift from what is accepted.
+defaults, merged by pydantic-settings from its own sources: the flags come in as
+init values, the environment through its environment source, the file through
+its TOML source. Each setting reads ``EMBEDD_<NAME>`` and nothing else but the
+names of the system embedd replaces (``NAVIDROME_MILVUS_URI``,
+``NAVIDROME_DB_PATH``, ``NAVIDROME_MUSIC_ROOT``, ``LOG_DIR``; see
+:data:`_ENV_NAMES`), so another program's ``LOG_LEVEL`` or ``SOCKET`` never
+becomes a setting. Every catalogued model gets a ``<name>_model`` source
+setting (``--muq-model``) from :data:`embedd.models.CATALOG`.
+
+Every field's description doubles as its ``embedd serve --help`` text, so the
+help can never drift from what is accepted. The flags are a thin argparse layer
+rather than pydantic's own CLI source, which would print its own help format and
+could not share the ``serve`` subcommand's parser as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import os
 import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    AliasGenerator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
+    TomlConfigSettingsSource,
 )
 
-from embedd.models import CATALOG, MODEL_NAMES
+from embedd.http.address import HttpAddress, parse_http_address
+from embedd.models import CATALOG
 
-__all__ = ["Settings", "SettingsInvalid", "add_settings_arguments", "build_settings", "default_socket_path"]
+__all__ = [
+    "Settings",
+    "SettingsInvalid",
+    "add_settings_arguments",
+    "build_settings",
+    "default_socket_path",
+    "env_names",
+    "source_field",
+]
 
 MiB = 1024 * 1024
 
@@ -59,8 +90,33 @@ def default_socket_path() -> Path:
     return Path(os.environ.get("EMBEDD_SOCKET") or _runtime_dir() / "embedd.sock")
 
 
-def _env(*names: str) -> AliasChoices:
-    return AliasChoices(*names)
+ENV_PREFIX = "EMBEDD_"
+
+# Settings whose environment names are not just ENV_PREFIX + NAME: the names of the
+# system embedd replaces keep working after embedd's own, and one name is shorter.
+_ENV_NAMES: dict[str, tuple[str, ...]] = {
+    "log_dir": ("EMBEDD_LOG_DIR", "LOG_DIR"),
+    "milvus_uri": ("EMBEDD_MILVUS_URI", "NAVIDROME_MILVUS_URI"),
+    "navidrome_db": ("EMBEDD_NAVIDROME_DB", "NAVIDROME_DB_PATH"),
+    "music_root": ("EMBEDD_MUSIC_ROOT", "NAVIDROME_MUSIC_ROOT"),
+    "model_cache_dir": ("EMBEDD_MODEL_CACHE_DIR", "HF_HUB_CACHE"),
+    "max_inflight_per_connection": ("EMBEDD_MAX_INFLIGHT",),
+}
+
+
+def env_names(field: str) -> tuple[str, ...]:
+    """The environment variables a setting reads, first set one winning (names are case-sensitive)."""
+    return _ENV_NAMES.get(field) or (ENV_PREFIX + field.upper(),)
+
+
+def _names(field: str) -> AliasChoices:
+    # The field name (TOML keys, flags) first, so every source hands values in under it.
+    return AliasChoices(field, *env_names(field))
+
+
+def source_field(model: str) -> str:
+    """The setting naming a catalogued model's weights: ``muq`` -> ``muq_model``."""
+    return f"{model}_model"
 
 
 def _split_list(value: Any) -> Any:
@@ -69,131 +125,139 @@ def _split_list(value: Any) -> Any:
     return value
 
 
-class Settings(BaseSettings):
-    """Everything the daemon can be told. Frozen: built once, read everywhere."""
-
+class _SettingsBase(BaseSettings):
     model_config = SettingsConfigDict(
         frozen=True,
         extra="forbid",
-        populate_by_name=True,
-        case_sensitive=False,
+        case_sensitive=True,
+        env_ignore_empty=True,  # an empty variable counts as unset
         validate_default=True,
+        alias_generator=AliasGenerator(validation_alias=_names),
     )
+
+
+def _model_sources() -> dict[str, Any]:
+    """One ``<name>_model`` field per catalogued model, defaulting to its official weights."""
+    return {
+        source_field(name): (
+            str,
+            Field(default=info.default_source, description=info.source_help or f"{name} weights: hub id or local path."),
+        )
+        for name, info in CATALOG.items()
+    }
+
+
+_WithModelSources = create_model("_WithModelSources", __base__=_SettingsBase, __module__=__name__, **_model_sources())
+
+
+class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
+    """Everything the daemon can be told. Frozen: built once, read everywhere."""
 
     # -- where things live ------------------------------------------------
     socket: Path = Field(
         default_factory=default_socket_path,
-        validation_alias=_env("socket", "EMBEDD_SOCKET"),
         description="Unix socket path the daemon listens on.",
     )
     socket_mode: int = Field(
         default=0o660,
-        validation_alias=_env("socket_mode", "EMBEDD_SOCKET_MODE"),
         description="Permission bits of the socket file, octal (e.g. 0660).",
     )
     data_dir: Path = Field(
         default_factory=_data_dir,
-        validation_alias=_env("data_dir", "EMBEDD_DATA_DIR"),
         description="Directory for embedd's own state: Milvus Lite file, job state, upload spool.",
     )
     log_dir: Path | None = Field(
         default=None,
-        validation_alias=_env("log_dir", "EMBEDD_LOG_DIR", "LOG_DIR"),
         description="Also write the log to LOG_DIR/embedd.log (default: stderr only, i.e. the journal).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info",
-        validation_alias=_env("log_level", "EMBEDD_LOG_LEVEL"),
         description="Log verbosity.",
     )
 
     # -- Navidrome and Milvus -----------------------------------------------
     milvus_uri: str | None = Field(
         default=None,
-        validation_alias=_env("milvus_uri", "EMBEDD_MILVUS_URI", "NAVIDROME_MILVUS_URI"),
         description="Milvus Lite file path or Milvus server URI (http://host:19530); default DATA_DIR/milvus.db.",
     )
     navidrome_db: Path | None = Field(
         default=None,
-        validation_alias=_env("navidrome_db", "EMBEDD_NAVIDROME_DB", "NAVIDROME_DB_PATH"),
         description="Navidrome's SQLite database (read-only), the library the batch job embeds.",
     )
     music_root: Path | None = Field(
         default=None,
-        validation_alias=_env("music_root", "EMBEDD_MUSIC_ROOT", "NAVIDROME_MUSIC_ROOT"),
         description="Where this host sees the music library, when it differs from Navidrome's library path.",
     )
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
-        validation_alias=_env("allowed_roots", "EMBEDD_ALLOWED_ROOTS"),
         description="Extra directories embed_file may read, comma-separated (the music root is always allowed).",
     )
 
     # -- models and the executor ----------------------------------------------
     device: str = Field(
         default="auto",
-        validation_alias=_env("device", "EMBEDD_DEVICE"),
         description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
-    )
-    muq_model: str = Field(
-        default=CATALOG["muq"].default_source,
-        validation_alias=_env("muq_model", "EMBEDD_MUQ_MODEL"),
-        description="MuQ-MuLan weights: hub id or local directory.",
-    )
-    mert_model: str = Field(
-        default=CATALOG["mert"].default_source,
-        validation_alias=_env("mert_model", "EMBEDD_MERT_MODEL"),
-        description="MERT weights: hub id or local directory.",
-    )
-    latent_model: str = Field(
-        default=CATALOG["latent"].default_source,
-        validation_alias=_env("latent_model", "EMBEDD_LATENT_MODEL"),
-        description="Music2Latent checkpoint: hub id or local file.",
     )
     model_cache_dir: Path | None = Field(
         default=None,
-        validation_alias=_env("model_cache_dir", "EMBEDD_MODEL_CACHE_DIR", "HF_HUB_CACHE"),
         description="Hugging Face hub cache to load hub ids from (default: the library's own).",
     )
     idle_unload_s: float = Field(
         default=360.0,
         gt=0,
-        validation_alias=_env("idle_unload_s", "EMBEDD_IDLE_UNLOAD_S"),
         description="Unload a model after this many idle seconds.",
     )
     idle_unload_per_model: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict,
-        validation_alias=_env("idle_unload_per_model", "EMBEDD_IDLE_UNLOAD_PER_MODEL"),
         description="Per-model idle timeouts overriding idle_unload_s, e.g. mert=60,muq=900.",
     )
     idle_check_s: float = Field(
         default=5.0,
         gt=0,
-        validation_alias=_env("idle_check_s", "EMBEDD_IDLE_CHECK_S"),
         description="How often the executor looks for idle models.",
     )
     preload: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        validation_alias=_env("preload", "EMBEDD_PRELOAD"),
         description="Models loaded at start and never unloaded by the idle timer, comma-separated.",
     )
     batch_size: int = Field(
-        default=4,
+        default=32,
         ge=1,
         le=1024,
-        validation_alias=_env("batch_size", "EMBEDD_BATCH_SIZE"),
-        description="Windows per forward pass (halved automatically on GPU out-of-memory).",
+        description="Most windows per forward pass; the memory budget usually allows fewer "
+        "(halved automatically on GPU out-of-memory).",
+    )
+    memory_budget_mb: int | None = Field(
+        default=None,
+        ge=64,
+        description="Memory for model activations in one forward pass, in MiB; every backend sizes "
+        "its passes from it (default: 1/12 of the host's RAM on CPU, at most 8192; 1/4 of the GPU's).",
+    )
+    mert_hop_s: float = Field(
+        default=5.0,
+        ge=1.0,
+        le=30.0,
+        description="Seconds between MERT's 30 s windows. The contract's 5 s is the default; 15 s costs "
+        "a third of the work but changes the vectors (rows are flagged in model_id; rebuild after changing it).",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Model arithmetic: auto = fp16 on CUDA, bf16 on CPUs with native bf16 "
+        "(AVX-512 BF16 or AMX), fp32 elsewhere.",
+    )
+    quantize: Literal["none", "int8"] = Field(
+        default="none",
+        description="int8 dynamic quantisation of Linear layers on CPU; changes vectors (flagged in model_id); "
+        "off by default.",
     )
     interactive_queue: int = Field(
         default=64,
         ge=1,
-        validation_alias=_env("interactive_queue", "EMBEDD_INTERACTIVE_QUEUE"),
         description="Interactive requests that may wait for the executor before 'overloaded'.",
     )
     batch_queue: int = Field(
         default=8,
         ge=1,
-        validation_alias=_env("batch_queue", "EMBEDD_BATCH_QUEUE"),
         description="Batch-job tracks that may wait for the executor.",
     )
 
@@ -201,13 +265,17 @@ class Settings(BaseSettings):
     max_audio_s: float = Field(
         default=1800.0,
         gt=0,
-        validation_alias=_env("max_audio_s", "EMBEDD_MAX_AUDIO_S"),
         description="Longest audio accepted, in seconds (too_large beyond).",
+    )
+    decoded_audio_mb: int = Field(
+        default=1024,
+        ge=16,
+        description="Decoded audio the daemon holds at once, in MiB; further decodes wait (a longer "
+        "track still runs, alone).",
     )
     decode_workers: int = Field(
         default_factory=lambda: max(1, os.cpu_count() or 1),
         ge=1,
-        validation_alias=_env("decode_workers", "EMBEDD_DECODE_WORKERS"),
         description="Decoder worker processes.",
     )
 
@@ -215,50 +283,57 @@ class Settings(BaseSettings):
     max_frame: int = Field(
         default=64 * MiB,
         ge=1024,
-        validation_alias=_env("max_frame", "EMBEDD_MAX_FRAME"),
         description="Largest frame accepted, in bytes.",
     )
     max_connections: int = Field(
         default=256,
         ge=1,
-        validation_alias=_env("max_connections", "EMBEDD_MAX_CONNECTIONS"),
         description="Concurrent client connections; more are answered 'overloaded' and closed.",
     )
     max_inflight_per_connection: int = Field(
         default=256,
         ge=1,
-        validation_alias=_env("max_inflight_per_connection", "EMBEDD_MAX_INFLIGHT"),
         description="Requests one connection may have in progress before the daemon stops reading it.",
     )
     idle_timeout_s: float = Field(
         default=600.0,
         gt=0,
-        validation_alias=_env("idle_timeout_s", "EMBEDD_IDLE_TIMEOUT_S"),
         description="Close a connection that sent nothing and awaits nothing for this long.",
     )
     shutdown_timeout_s: float = Field(
         default=7.0,  # every stage shares it, so that SIGTERM to exit stays under 10 s
         gt=0,
-        validation_alias=_env("shutdown_timeout_s", "EMBEDD_SHUTDOWN_TIMEOUT_S"),
         description="Grace for in-flight work at SIGTERM before it is cancelled.",
+    )
+
+    # -- the HTTP listener -------------------------------------------------
+    http: str | None = Field(
+        default=None,
+        description="Also serve HTTP (health, metrics, REST and similarity APIs) on HOST:PORT, [IPv6]:PORT or unix:/path.",
+    )
+    http_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token every HTTP route but /healthz requires; needed when --http is not loopback.",
+    )
+    http_max_body: int = Field(
+        default=64 * MiB,
+        ge=1024,
+        description="Largest HTTP request body accepted, in bytes.",
     )
 
     # -- the batch job -------------------------------------------------------
     checkpoint_every: int = Field(
         default=100,
         ge=1,
-        validation_alias=_env("checkpoint_every", "EMBEDD_CHECKPOINT_EVERY"),
         description="Tracks between job checkpoints (written after Milvus confirmed them).",
     )
     batch_one_model_at_a_time: bool = Field(
         default=False,
-        validation_alias=_env("batch_one_model_at_a_time", "EMBEDD_BATCH_ONE_MODEL_AT_A_TIME"),
         description="Run a batch job one model at a time (for GPUs too small to hold all three).",
     )
     milvus_retry_s: float = Field(
         default=600.0,
         gt=0,
-        validation_alias=_env("milvus_retry_s", "EMBEDD_MILVUS_RETRY_S"),
         description="How long a batch job keeps retrying an unreachable Milvus before it fails.",
     )
 
@@ -296,7 +371,7 @@ class Settings(BaseSettings):
     def _known_models(cls, value: list[str]) -> list[str]:
         for name in value:
             if name not in CATALOG:
-                raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+                raise ValueError(f"unknown model {name!r}; known: {', '.join(CATALOG)}")
         return value
 
     @field_validator("idle_unload_per_model")
@@ -304,7 +379,7 @@ class Settings(BaseSettings):
     def _known_model_keys(cls, value: dict[str, float]) -> dict[str, float]:
         for name, seconds in value.items():
             if name not in CATALOG:
-                raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+                raise ValueError(f"unknown model {name!r}; known: {', '.join(CATALOG)}")
             if seconds <= 0:
                 raise ValueError(f"idle timeout of {name!r} must be positive")
         return value
@@ -316,6 +391,24 @@ class Settings(BaseSettings):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"{value!r} is not auto, cpu, cuda or cuda:N")
+
+    @field_validator("http")
+    @classmethod
+    def _http_address(cls, value: str | None) -> str | None:
+        return None if value is None else str(parse_http_address(value))
+
+    @field_validator("http_token")
+    @classmethod
+    def _http_token_where_needed(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("the token is blank")
+        address = info.data.get("http")
+        if value is None and address is not None and not parse_http_address(address).loopback:
+            raise ValueError(
+                f"--http {address} is reachable from other hosts; set a token "
+                "(every route but /healthz then requires 'Authorization: Bearer TOKEN')"
+            )
+        return value
 
     @field_validator("socket", "data_dir", "log_dir", "navidrome_db", "music_root", "model_cache_dir")
     @classmethod
@@ -335,6 +428,10 @@ class Settings(BaseSettings):
         return self.milvus_uri or str(self.data_dir / "milvus.db")
 
     @property
+    def http_address(self) -> HttpAddress | None:
+        return parse_http_address(self.http) if self.http else None
+
+    @property
     def state_db(self) -> Path:
         return self.data_dir / "state.sqlite3"
 
@@ -343,7 +440,27 @@ class Settings(BaseSettings):
         return self.data_dir / "spool"
 
     def model_source(self, name: str) -> str:
-        return {"muq": self.muq_model, "mert": self.mert_model, "latent": self.latent_model}[name]
+        return getattr(self, source_field(name))
+
+    def model_id(self, name: str) -> str:
+        """What stored rows record as their model: the source, plus any knob that changes vectors.
+
+        Vectors made with a non-default knob (``mert_hop_s``, ``quantize``) are
+        flagged in their rows' ``model_id`` (``m-a-p/MERT-v1-330M?hop_s=15``,
+        ``OpenMuQ/MuQ-MuLan-large?int8``, both: ``...?hop_s=15&int8``), so they are
+        never mixed silently with the contract's vectors in one collection.
+        """
+        knobs = []
+        if (hop := self.hop_override(name)) is not None:
+            knobs.append(f"hop_s={hop:g}")
+        if self.quantize != "none":
+            knobs.append(self.quantize)
+        source = self.model_source(name)
+        return f"{source}?{'&'.join(knobs)}" if knobs else source
+
+    def hop_override(self, name: str) -> float | None:
+        """The window hop a model runs at instead of its contract's, or None (only MERT's is a knob)."""
+        return self.mert_hop_s if name == "mert" and self.mert_hop_s != 5.0 else None
 
     def idle_timeout_of(self, name: str) -> float:
         return self.idle_unload_per_model.get(name, self.idle_unload_s)
@@ -357,58 +474,77 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # build_settings merges command line, environment and file itself and passes the
-        # result in: pydantic's own env source would also read bare field names
-        # (LOG_LEVEL, SOCKET, ...) that belong to other programs.
-        return (init_settings,)
+        # Highest first: the flags build_settings passes in, the environment, the TOML
+        # file it was told of. No .env file and no secrets directory.
+        return (init_settings, _Environment(settings_cls), _TomlFile(settings_cls, _config_file.get()))
 
 
 class SettingsInvalid(Exception):
     """A setting could not be accepted; the message is one line for the operator."""
 
 
+# pydantic asks the class for its sources without arguments; the file one build_settings
+# call was told of reaches _TomlFile through this.
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("embedd_config_file", default=None)
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic's environment source, reading only each setting's documented names.
+
+    The stock lookup also tries every alias, the bare field name (``batch_size``)
+    included; here only :func:`env_names` count.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        for name in env_names(field_name):
+            value = self.env_vars.get(name)
+            if value is not None:
+                return value, field_name, False
+        return None, field_name, False
+
+
+class _TomlFile(TomlConfigSettingsSource):
+    """pydantic's TOML source, strict about the file it is given.
+
+    A file that was named must be readable and valid TOML, and every key in it a
+    setting: a typo fails start-up instead of being ignored. The keys may sit at
+    the top level or in an ``[embedd]`` table.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        if path is not None:
+            try:
+                path.open("rb").close()
+            except OSError as exc:
+                raise SettingsInvalid(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+        self._known = frozenset(settings_cls.model_fields)  # the parent reads the file in its __init__
+        super().__init__(settings_cls, toml_file=path)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            data = super()._read_file(file_path)
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsInvalid(f"config file {str(file_path)!r} is not valid TOML: {exc}") from None
+        data = data.get("embedd", data)
+        unknown = sorted(set(data) - self._known)
+        if unknown:
+            raise SettingsInvalid(f"config file {str(file_path)!r} has unknown setting {unknown[0]!r}")
+        return data
+
+
 def _field_names(field: str) -> str:
-    info = Settings.model_fields[field]
-    aliases = [a for a in info.validation_alias.choices if a != field] if info.validation_alias else []  # type: ignore[union-attr]
     flag = "--" + field.replace("_", "-")
-    return " / ".join([flag, *aliases])
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise SettingsInvalid(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsInvalid(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    data = data.get("embedd", data)  # allow a [embedd] table or top-level keys
-    unknown = sorted(set(data) - set(Settings.model_fields))
-    if unknown:
-        raise SettingsInvalid(f"config file {str(path)!r} has unknown setting {unknown[0]!r}")
-    return data
-
-
-def _env_values() -> dict[str, str]:
-    """Each setting's value from the first of its environment names that is set (and not empty)."""
-    values = {}
-    for field, info in Settings.model_fields.items():
-        for name in info.validation_alias.choices[1:]:  # type: ignore[union-attr]
-            if os.environ.get(name):
-                values[field] = os.environ[name]
-                break
-    return values
+    return " / ".join([flag, *env_names(field)])
 
 
 def build_settings(cli: dict[str, Any] | None = None, config_file: Path | None = None) -> Settings:
     """CLI values > environment > TOML > defaults; raises SettingsInvalid with one line."""
-    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    flags = {k: v for k, v in (cli or {}).items() if v is not None}
     if config_file is None and (env_file := os.environ.get("EMBEDD_CONFIG")):
         config_file = Path(env_file)
-    file_values = _read_toml(config_file) if config_file else {}
-    init = file_values | _env_values() | cli
+    chosen = _config_file.set(config_file)
     try:
-        return Settings(**init)
+        return Settings(**flags)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "settings"
@@ -419,14 +555,17 @@ def build_settings(cli: dict[str, Any] | None = None, config_file: Path | None =
         raise SettingsInvalid(f"invalid setting {where}: {reason}{shown}") from None
     except SettingsError as exc:
         raise SettingsInvalid(f"invalid settings: {exc}") from None
+    finally:
+        _config_file.reset(chosen)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, its help taken from the field description."""
     parser.add_argument("--config", type=Path, help="TOML file of settings (also EMBEDD_CONFIG).")
-    for field, info in Settings.model_fields.items():
+    for field in _flag_order():
+        info = Settings.model_fields[field]
         flag = "--" + field.replace("_", "-")
-        envs = [a for a in info.validation_alias.choices[1:]]  # type: ignore[union-attr]
+        envs = env_names(field)
         default = info.get_default(call_default_factory=True)
         if isinstance(default, list):
             default = ",".join(map(str, default)) or "none"
@@ -439,6 +578,14 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=field, default=None, metavar=field.upper(), help=help_text)
+
+
+def _flag_order() -> list[str]:
+    """The settings in declaration order, the models' sources right after ``device``."""
+    sources = [source_field(name) for name in CATALOG]
+    order = [field for field in Settings.model_fields if field not in sources]
+    at = order.index("device") + 1
+    return order[:at] + sources + order[at:]
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

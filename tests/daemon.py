@@ -118,9 +118,9 @@ class Daemon:
         s.connect(str(self.socket))
         return s
 
-    def call(self, op: str, **args: Any) -> dict:
+    def call(self, op: str, *, timeout: float = 120, **args: Any) -> dict:
         """One request on a fresh connection; returns the whole response map."""
-        with self.connect(timeout=120) as s:
+        with self.connect(timeout=timeout) as s:
             send_frame(s, {"op": op, **args})
             return read_frame(s)
 

@@ -2,7 +2,9 @@
 
 The DDL is Navidrome's own SQLite schema (``db/migrations`` of
 navidrome/navidrome: ``20200130083147_create_schema``, the float duration of
-``20200220143731``, ``20240511220020_add_library_table`` and
+``20200220143731``, the MusicBrainz ids of ``20201021085410`` (the recording id's
+column renamed by ``20230616214944``: the absolute layout keeps the old name),
+``20240511220020_add_library_table`` and
 ``20241026183640_support_new_scanner``), trimmed to the columns and indexes
 that matter for reading tracks but keeping their names, types and defaults.
 Timestamps are written the way Go's SQLite driver writes ``time.Time``
@@ -66,6 +68,13 @@ create index if not exists media_file_path
 	on media_file (path);
 create index if not exists media_file_title
 	on media_file (title);
+alter table media_file
+	add mbz_track_id varchar(255);
+"""
+
+_RENAME_MBID = """
+alter table media_file
+	rename column mbz_track_id to mbz_recording_id;
 """
 
 _LIBRARY = """
@@ -125,6 +134,7 @@ class FixtureTrack:
     size: int
     mtime: float
     missing: bool = False
+    mbid: str = ""  # MusicBrainz recording id
 
 
 class NavidromeDB:
@@ -145,12 +155,15 @@ class NavidromeDB:
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA busy_timeout = 5000")
         self._seq = 0
-        if self.conn.execute("select 1 from sqlite_master where name = 'media_file'").fetchone():
+        columns = {r[1] for r in self.conn.execute("PRAGMA table_info(media_file)")}
+        self.mbid_column = "mbz_track_id" if "mbz_track_id" in columns or (not columns and layout == "absolute") else "mbz_recording_id"
+        if columns:
             # Reopening (Navidrome restarted): keep the schema, continue the numbering.
             self._seq = self.conn.execute("select count(*) from media_file").fetchone()[0]
             return
         self.conn.executescript(_MEDIA_FILE_LEGACY)
         if layout != "absolute":
+            self.conn.executescript(_RENAME_MBID)
             self.conn.executescript(_LIBRARY)
             now = go_time(time.time())
             for lib_id, lib_path in self.libraries.items():
@@ -209,6 +222,7 @@ class NavidromeDB:
             created_at=go_time(t.mtime),
             updated_at=go_time(t.mtime),
         )
+        row[self.mbid_column] = t.mbid
         if self.layout != "absolute":
             row["library_id"] = t.library_id
         if self.layout == "relative":

@@ -27,8 +27,11 @@ from tests.audio_fixtures import (
     make_video_with_audio,
     tone,
 )
-from embedd import audio
 from embedd.audio import AudioDecoder, DecodedAudio, decode_bytes, decode_file, resolve_allowed_path
+from embedd.audio.budget import HeldAudioGate
+from embedd.audio.pool import job_path
+from embedd.audio.shm import SHM_PREFIX
+from embedd.audio.track import check_targets
 from embedd.errors import Code, EmbeddError
 
 TARGETS = {(24_000, 1), (44_100, 2)}
@@ -370,11 +373,11 @@ def _slow_decode(*args: object):
     import time
 
     time.sleep(0.5)
-    return audio._job_path(*args)
+    return job_path(*args)
 
 
 def _shm_files(decoder: AudioDecoder) -> list[Path]:
-    return sorted(Path("/dev/shm").glob(f"{audio._SHM_PREFIX}{decoder._tag}-*"))
+    return sorted(Path("/dev/shm").glob(f"{SHM_PREFIX}{decoder._tag}-*"))
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +428,7 @@ def test_decoder_pool(fx, tree, big_wav: Path) -> None:
 
             # an innocent request in flight when another one kills its worker is retried, not failed
             innocent = asyncio.ensure_future(
-                decoder._run("slow.flac", _slow_decode, str(tree["song"]), decoder.roots, audio._check_targets(TARGETS),
+                decoder._run("slow.flac", _slow_decode, str(tree["song"]), decoder.roots, check_targets(TARGETS),
                              decoder.max_audio_s, decoder._tag)
             )
             await asyncio.sleep(0.1)
@@ -464,3 +467,51 @@ def test_decoder_pool(fx, tree, big_wav: Path) -> None:
 def test_fork_start_method_is_refused(tree) -> None:
     with pytest.raises(ValueError, match="fork"):
         AudioDecoder(roots=[tree["root"]], start_method="fork")
+
+
+# ---- the decoded-audio budget
+
+
+async def test_held_audio_gate_admits_within_the_budget_and_one_oversized_track_alone():
+    import asyncio
+
+    gate = HeldAudioGate(100)
+    loop = asyncio.get_running_loop()
+    await gate.acquire(60)
+    first = gate.releaser(60, loop)
+    second = asyncio.ensure_future(gate.acquire(60))  # 120 > 100: waits
+    await asyncio.sleep(0)
+    assert not second.done() and gate.held == 60
+    first()
+    first()  # idempotent
+    await asyncio.wait_for(second, 5)
+    assert gate.held == 60
+    big = asyncio.ensure_future(gate.acquire(500))  # larger than the whole budget: waits until alone
+    await asyncio.sleep(0)
+    assert not big.done()
+    gate.releaser(60, loop)()
+    await asyncio.wait_for(big, 5)
+    assert gate.held == 500
+
+
+async def test_decoded_audio_counts_until_released(tmp_path):
+    from embedd.audio import AudioDecoder
+
+    path = make_long_wav(tmp_path / "long.wav", duration_s=3.0)
+    with AudioDecoder(roots=[tmp_path], workers=1, held_bytes=1 << 30) as decoder:
+        audio = await decoder.decode_path(str(path), {(24_000, 1)})
+        assert decoder.held_bytes == audio.nbytes == 3 * 24_000 * 4
+        audio.release()
+        await _until(lambda: decoder.held_bytes == 0)
+        again = await decoder.decode_path(str(path), {(24_000, 1)})
+        assert decoder.held_bytes == again.nbytes
+        del again  # dropped without release(): the finalizer gives it back
+        await _until(lambda: decoder.held_bytes == 0)
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0)

@@ -299,3 +299,45 @@ def test_counters_match_first_outcome_per_track(tmp_path_factory, events):
             expect[Outcome.SKIPPED],
         )
         assert j.status not in FINAL_STATUSES
+
+
+# ---- the crash-loop guard
+
+
+def test_a_track_in_flight_at_two_unclean_exits_is_failed_once_per_model(store):
+    job = store.create_job(models=["muq", "latent"])
+    jid = job.job_id
+    store.begin_track(jid, "poison", "/m/poison.flac")
+    store.begin_track(jid, "bystander", "/m/ok.flac")
+    store.begin_track(jid, "finished", "/m/done.flac")
+    store.end_track(jid, "finished")  # its passes ended before the crash: not a suspect
+    store.checkpoint(jid, done=[("poison", "muq")])
+    # first unclean exit: both in flight are suspects, nothing failed yet
+    suspects, failed = store.recover_in_flight(jid)
+    assert suspects == {"poison", "bystander"} and failed == []
+    # the retries: the bystander finishes alone, the poison kills the daemon again
+    store.begin_track(jid, "bystander", "/m/ok.flac")
+    store.end_track(jid, "bystander")
+    store.begin_track(jid, "poison", "/m/poison.flac")
+    suspects, failed = store.recover_in_flight(jid)
+    assert suspects == set()
+    assert [(f.track_id, f.model, f.code) for f in failed] == [("poison", "latent", "internal")]  # muq was stored
+    assert "stopped 2 times while embedding '/m/poison.flac'" in failed[0].message
+    job = store.get_job(jid)
+    assert job.failed_tracks == 1 and store.failures(jid)[0] == 1
+    assert store.finished_tracks(jid, ["poison", "bystander"]) == {"poison"}
+    # a third start-up finds nothing left to blame
+    assert store.recover_in_flight(jid) == (set(), [])
+
+
+def test_a_clean_stop_is_not_counted_as_a_crash(store):
+    jid = store.create_job(models=["muq"]).job_id
+    store.begin_track(jid, "a", "/m/a.flac")
+    store.stand_down(jid)  # SIGTERM: what was in flight was stopped by the daemon itself
+    assert store.recover_in_flight(jid) == (set(), [])
+    store.begin_track(jid, "b", "/m/b.flac")
+    assert store.recover_in_flight(jid)[0] == {"b"}  # crashed once
+    store.begin_track(jid, "b", "/m/b.flac")
+    store.stand_down(jid)  # a clean stop during its retry keeps the one crash, adds none
+    suspects, failed = store.recover_in_flight(jid)
+    assert suspects == {"b"} and failed == []

@@ -75,16 +75,18 @@ class RecordingModel(EmbeddingModel):
         return TextEmbedding(raw=v, vector=v)
 
 
-SPEC = ModelSpec(source="test", device="cpu", half=False, batch_size=4)
+SPEC = ModelSpec(source="test", device="cpu", precision="fp32", batch_size=4)
 
 
-def make_executor(model: RecordingModel, *, idle_s: float = 60.0, preload=(), limits=None, idle_check_s=0.05):
+def make_executor(model: RecordingModel, *, idle_s: float = 60.0, preload=(), limits=None, idle_check_s=0.05,
+                  clock=time.monotonic):
     def build(device: str) -> ModelRegistry:
         return ModelRegistry(
             {"muq": SPEC},
             idle_timeout_s={"muq": idle_s},
             preload=preload,
             factories={"muq": lambda spec: model},
+            clock=clock,
         )
 
     return Executor(
@@ -127,35 +129,64 @@ async def test_model_code_runs_only_on_the_executor_thread(running):
     assert model.threads == {"embedd-executor"}
 
 
+class FakeClock:
+    """The registry's clock, moved by the test: idle timers run out without real waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_registry(model: RecordingModel, clock: FakeClock, *, idle_s: float, preload=()) -> ModelRegistry:
+    return ModelRegistry(
+        {"muq": SPEC}, idle_timeout_s={"muq": idle_s}, preload=preload, factories={"muq": lambda spec: model}, clock=clock
+    )
+
+
 async def test_lazy_load_idle_unload_and_reload(running):
     model = RecordingModel(SPEC)
-    ex = running(model, idle_s=0.3)
+    clock = FakeClock()
+    ex = running(model, idle_s=30.0, clock=clock)
     assert ex.snapshot() == {} or not ex.snapshot()["muq"].loaded  # nothing loaded at start
     await ex.embed_text(Lane.INTERACTIVE, "muq", "a")
     assert model.loads == 1
     await wait_for(lambda: ex.snapshot()["muq"].loaded)
-    await wait_for(lambda: not ex.snapshot()["muq"].loaded, timeout=3)  # the timer unloaded it
+    clock.now += 30.0
+    await wait_for(lambda: not ex.snapshot()["muq"].loaded)  # the executor's idle check unloaded it
     assert not model.loaded
     await ex.embed_text(Lane.INTERACTIVE, "muq", "b")  # next use loads it again
     assert model.loads == 2 and model.loaded
 
 
-async def test_use_renews_the_idle_timer(running):
+def test_use_renews_the_idle_timer():
     model = RecordingModel(SPEC)
-    ex = running(model, idle_s=0.4)
-    for _ in range(8):  # 0.8 s of steady use, every 0.1 s: never idle for 0.4 s
-        await ex.embed_text(Lane.INTERACTIVE, "muq", "x")
-        await asyncio.sleep(0.1)
+    clock = FakeClock()
+    registry = make_registry(model, clock, idle_s=30.0)
+    registry.get("muq")
+    for _ in range(4):  # 80 s of steady use, every 20 s: never idle for 30 s
+        clock.now += 20.0
+        assert registry.unload_idle() == []
+        registry.get("muq")
+    assert registry.snapshot()["muq"].idle_s == 0.0
+    clock.now += 29.9
+    assert registry.unload_idle() == [] and model.loaded
+    clock.now += 0.1  # 30 s since the last use
+    assert registry.unload_idle() == ["muq"] and not model.loaded
     assert model.loads == 1
 
 
-async def test_preloaded_model_never_expires(running):
+def test_preloaded_model_never_expires():
     model = RecordingModel(SPEC)
-    ex = running(model, idle_s=0.1, preload=["muq"])
-    await wait_for(lambda: model.loaded)
-    await asyncio.sleep(0.5)
+    clock = FakeClock()
+    registry = make_registry(model, clock, idle_s=0.1, preload=["muq"])
+    registry.preload_all()
+    assert model.loaded
+    clock.now += 86_400.0
+    assert registry.unload_idle() == []
     assert model.loaded and model.loads == 1
-    assert await ex.unload("muq") == ["muq"]  # an explicit unload still works
+    assert registry.unload("muq")  # an explicit unload still works
     assert not model.loaded
 
 
@@ -250,16 +281,38 @@ async def test_queued_audio_of_one_model_is_coalesced(running):
 
 async def test_failing_load_is_unavailable_and_the_executor_keeps_serving(running):
     model = RecordingModel(SPEC, fail_load=True)
-    ex = running(model)
-    for _ in range(2):
+    attempts = 0
+    real_load = model._load
+
+    def counting_load() -> None:
+        nonlocal attempts
+        attempts += 1
+        real_load()
+
+    model._load = counting_load  # type: ignore[method-assign]
+    clock = FakeClock()
+    ex = running(model, clock=clock)
+    for _ in range(3):
         with pytest.raises(EmbeddError) as info:
             await ex.embed_text(Lane.INTERACTIVE, "muq", "x")
         assert info.value.code is Code.UNAVAILABLE
         assert "weights file is corrupt" in info.value.message and "muq" in info.value.message
+    # one real attempt; the next requests were answered at once during the back-off
+    assert attempts == 1
+    assert "next load attempt in 30 s" in info.value.message
     assert ex.snapshot()["muq"].error
+    clock.now += 31  # the back-off is over: one more attempt, which fails and doubles it
+    with pytest.raises(EmbeddError):
+        await ex.embed_text(Lane.INTERACTIVE, "muq", "x")
+    assert attempts == 2
+    clock.now += 31
+    with pytest.raises(EmbeddError) as info:
+        await ex.embed_text(Lane.INTERACTIVE, "muq", "x")
+    assert attempts == 2 and "next load attempt in 29 s" in info.value.message
     model.fail_load = False
-    await ex.embed_text(Lane.INTERACTIVE, "muq", "x")  # fixed on disk: loads now
-    assert ex.snapshot()["muq"].error is None
+    await ex.unload("muq")  # the operator fixed the weights: `unload` clears the back-off
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "x")
+    assert attempts == 3 and ex.snapshot()["muq"].error is None
 
 
 async def test_backend_bug_is_internal_not_a_crash(running):
@@ -287,7 +340,7 @@ async def test_stop_cancels_queued_work_and_unloads(running):
     queued = asyncio.create_task(ex.embed_text(Lane.BATCH, "muq", "queued"))
     await wait_for(lambda: ex.queue_depths["batch"] == 1)
     stopping = asyncio.create_task(ex.stop())
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: ex.queue_depths["batch"] == 0)  # stop() withdrew the queued job
     model.gate.set()
     await stopping
     with pytest.raises(EmbeddError) as info:

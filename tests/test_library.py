@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import sqlite3
+import time
 import tracemalloc
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedd.errors import Code, EmbeddError
-from embedd.library import NavidromeLibrary, Shard, Track, parse_navidrome_time, parse_shard, shard_of
+from embedd.library import Identity, NavidromeLibrary, Shard, Track, parse_navidrome_time, parse_shard, shard_of
 from tests.navidrome_fixtures import ConcurrentWriter, NavidromeDB, go_time
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,6 +129,40 @@ async def test_absolute_layout_single_folder_needs_original_root(tmp_path, make_
     assert "/elsewhere/x.flac" in {t.path for t in await collect(exact)}
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("layout", ["relative", "absolute", "absolute_with_library"])
+async def test_identify_finds_current_ids_by_path_after_an_id_migration(tmp_path, layout, make_db):
+    """Stored (id, path) pairs resolve to Navidrome's current id and MusicBrainz id, by id and else by path."""
+    libraries = {1: "/srv/music/main", 2: "/srv/music/classical"} if layout == "relative" else {1: "/srv/music"}
+    db = make_db(tmp_path / "navidrome.db", layout, libraries)
+    kept = db.insert([db.make_track("A/One/01 - kept.flac", mbid="mb-kept")])[0]
+    renamed = db.insert([db.make_track("A/One/02 - renamed.flac", mbid="mb-renamed")])[0]
+    untagged = db.insert([db.make_track("A/One/03 - untagged.flac")])[0]
+    same_rel = None
+    if layout == "relative":  # the same relative path in another library is another file
+        same_rel = db.insert([db.make_track("A/One/02 - renamed.flac", library_id=2, mbid="mb-other-library")])[0]
+    lib = NavidromeLibrary(db.path, music_root="/mnt/music")
+    paths = {t.track_id: t.path for t in await collect(lib)}
+    db.conn.execute("update media_file set id = 'new-' || id where id = ?", (renamed.track_id,))
+    gone = ("gone-id", paths[kept.track_id].replace("01 - kept", "09 - gone"))
+    stored = [(kept.track_id, paths[kept.track_id]), (renamed.track_id, paths[renamed.track_id]),
+              (untagged.track_id, ""), gone]  # fmt: skip
+    found = await lib.identify(stored)
+    assert found == {
+        kept.track_id: Identity(kept.track_id, "mb-kept"),
+        renamed.track_id: Identity("new-" + renamed.track_id, "mb-renamed"),
+        untagged.track_id: Identity(untagged.track_id, ""),
+    }
+    if same_rel is not None:
+        assert (await lib.identify([(same_rel.track_id, paths[same_rel.track_id])]))[same_rel.track_id].mbid == "mb-other-library"
+    if layout == "relative":
+        db.mark_missing(kept)
+    else:
+        db.delete_track(kept)
+    assert kept.track_id not in await lib.identify(stored)  # a file Navidrome no longer has is nobody
+    assert await lib.identify([]) == {}
+
+
 def test_display_name_fallbacks():
     t = Track("id1", "/m/a/01 - Song.flac", "", "", "", 0.0, 0, None)
     assert t.display_name == "01 - Song"
@@ -224,7 +259,9 @@ async def test_paging_alongside_a_writer_never_blocks_it(tmp_path, make_db):
             if n % 100 == 50:
                 await asyncio.sleep(0.005)  # a slow consumer: the writer keeps committing
         before = writer.commits
-        await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while writer.commits <= before and time.monotonic() < deadline:  # the writer is still committing
+            await asyncio.sleep(0.001)
     assert writer.errors == []  # busy_timeout=0: any lock we held would have failed a commit
     assert before > 10 and writer.commits > before
     assert n >= 2_000

@@ -1,7 +1,7 @@
 """The daemon on a real Milvus server (not Milvus Lite): store, search, MERT's wide vectors, outages.
 
 A Milvus server rejects vectors wider than 32,768 dims; the daemon's store splits
-MERT's (see embedd/store.py). Here the tiny MERT stays narrow, so the test also
+MERT's (see embedd/store/collections.py). Here the tiny MERT stays narrow, so the test also
 forces the split path by asking the server for the real MERT width directly.
 """
 
@@ -68,6 +68,24 @@ def test_real_mert_width_on_a_server(milvus_server):
             hits = store.search("mert", vectors[i], 3)
             assert hits[0].track_id == f"w{i}" and hits[0].score > 0.999
         assert np.allclose(store.get_vector("mert", "w3"), vectors[3], atol=1e-6)
+    finally:
+        store.close()
+
+
+def test_deleted_tracks_leave_the_next_search_on_a_server(milvus_server):
+    """A server's delete carries no timestamp for pymilvus's Session reads: the deleted rows must still be gone."""
+    from embedd.store import TrackRow, VectorStore
+
+    store = VectorStore(milvus_server.uri)
+    try:
+        store.ensure("muq", "delete_visibility_test", 16)
+        rng = np.random.default_rng(7)
+        for round_ in range(3):  # each round: new rows written, the previous ones deleted, then one search
+            vectors = rng.standard_normal((24, 16)).astype(np.float32)
+            store.upsert("muq", [TrackRow(track_id=f"r{round_}-{i}", vector=v) for i, v in enumerate(vectors)])
+            store.delete("muq", [f"r{round_ - 1}-{i}" for i in range(24)] if round_ else [])
+            found = {h.track_id for h in store.search("muq", vectors[0], 60)}
+            assert {t.split("-")[0] for t in found} == {f"r{round_}"}, (round_, sorted(found))
     finally:
         store.close()
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG, backend_class
 from embedd.models.base import EmbeddingModel, ModelSpec
+from embedd.models.latent import CHUNK_S, chunk_frames
 from embedd.models.enrich import IQR_TO_SIGMA, enrich, enrich_stats
 from embedd.models.runtime import run_batched, window_spans
 from tests.tiny_models import build_tiny_models
@@ -58,7 +59,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
 
 def make(name: str, source: str, *, batch_size: int = 4, cache_dir: str | None = None) -> EmbeddingModel:
-    spec = ModelSpec(source=source, device="cpu", half=False, batch_size=batch_size, cache_dir=cache_dir)
+    spec = ModelSpec(source=source, device="cpu", precision="fp32", batch_size=batch_size, cache_dir=cache_dir)
     return backend_class(name)(spec)
 
 
@@ -307,7 +308,7 @@ def test_oom_splits_the_batch_and_gives_the_same_result(
 
 
 def _spec_dict(spec: ModelSpec) -> dict[str, object]:
-    return {f: getattr(spec, f) for f in ("source", "device", "half", "batch_size", "cache_dir")}
+    return {f: getattr(spec, f) for f in ("source", "device", "precision", "batch_size", "cache_dir", "memory_budget")}
 
 
 def test_run_batched_halves_down_to_one_then_gives_up() -> None:
@@ -462,9 +463,15 @@ def test_latent_matches_music2latent_encode_including_chunking(
         ours = latent.track_latents(tracks)  # type: ignore[attr-defined]
         embs = latent.embed_audio_many(tracks)
     finally:
-        latent.max_waveform_length = sr * 60  # type: ignore[attr-defined]
+        latent.max_waveform_length = sr * CHUNK_S  # type: ignore[attr-defined]
+    from music2latent.hparams import hop
+
+    down = 8  # 2 ** freq_downsample_list.count(0)
     for track, lat, emb in zip(tracks, ours, embs):
-        want = encode_audio_inference(track, trainer, sr * 2, 1, device="cpu")
+        # the package's encode with this track's near-equal chunk length
+        frames = ((track.shape[-1] - 3 * hop) // hop // down) * down
+        chunk = chunk_frames(frames, (sr * 2 // hop) // down * down, down)
+        want = encode_audio_inference(track, trainer, chunk * hop, 1, device="cpu")
         torch.testing.assert_close(lat, want, rtol=1e-4, atol=1e-5)
         assert emb.windows == lat.shape[-1]
     c = latent.dim // 9
@@ -478,8 +485,58 @@ def test_latent_matches_music2latent_encode_including_chunking(
     assert tiny_track.shape == (2, c, 1)
 
 
+@pytest.mark.parametrize("frames", [8, 856, 864, 2560, 2568, 6848, 12000])
+def test_latent_chunks_are_near_equal_and_barely_padded(frames: int) -> None:
+    max_frames, down = 856, 8  # 10 s chunks of the real hop
+    size = chunk_frames(frames, max_frames, down)
+    chunks = -(-frames // size)
+    assert size % down == 0 and size <= max_frames
+    assert chunks == -(-frames // max_frames)  # no more passes than cutting at max_frames
+    assert chunks * size - frames < chunks * down  # padding: under one latent frame per chunk
+
+
 def test_latent_mono_is_duplicated(latent: EmbeddingModel) -> None:
     sr = latent.info.sample_rate
     stereo = signal(1.5, sr, 1, 15).repeat(2, axis=0)
     [a, b] = latent.embed_audio_many([stereo[:1], stereo])
     np.testing.assert_allclose(a.vector, b.vector, **TOL)
+
+
+# -- quantize ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["muq", "mert"])
+def test_int8_quantize_setting_reaches_the_loaded_model(
+    name: str, tiny: dict[str, str], tmp_path: Path
+) -> None:
+    """``quantize=int8`` in the settings: the daemon's registry loads the model with int8 Linears,
+    which run under bf16 autocast too and give vectors close to, but not the same as, the default."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from embedd.service import Service
+    from embedd.settings import build_settings
+
+    def registry_model(quantize: str, precision: str) -> EmbeddingModel:
+        settings = build_settings({
+            "socket": str(tmp_path / "s.sock"), "data_dir": str(tmp_path / "data"),
+            f"{name}_model": tiny[name], "quantize": quantize, "precision": precision, "device": "cpu",
+        })
+        return Service(settings)._build_registry("cpu").get(name)
+
+    wave = signal(12.0, CATALOG[name].sample_rate, CATALOG[name].channels, 21)
+    [default] = registry_model("none", "fp32").embed_audio_many([wave])
+    for precision in ("fp32", "bf16"):
+        model = registry_model("int8", precision)
+        assert model.spec.quantize == "int8"
+        assert any(isinstance(m, DynamicLinear) for m in model._model.modules())  # type: ignore[attr-defined]
+        [got] = model.embed_audio_many([wave])
+        cos = float(np.dot(default.vector, got.vector))
+        assert 0.9 < cos < 1.0 - 1e-7
+        model.unload()
+
+
+def test_int8_quantize_is_refused_off_cpu() -> None:
+    from embedd.models.quantize import quantize_model
+
+    with pytest.raises(ValueError, match="CPU only"):
+        quantize_model(torch.nn.Linear(2, 2), "int8", torch.device("cuda"))
+    with pytest.raises(ValueError, match="unknown quantize"):
+        quantize_model(torch.nn.Linear(2, 2), "int4", torch.device("cpu"))

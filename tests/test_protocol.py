@@ -242,3 +242,18 @@ def test_arbitrary_msgpack_values_as_frames(value):
         parse_request(decode_body(body))
     except EmbeddError as exc:
         assert exc.code in (Code.BAD_FRAME, Code.BAD_REQUEST, Code.UNKNOWN_OP)
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ({"op": "embed_file", "path": "/a", "models": ["clap"]}, "embed_file: argument 'models[0]': 'clap' is not one of muq, mert, latent"),
+        ({"op": "search", "model": "x", "text": "t"}, "search: argument 'model': 'x' is not one of muq, mert, latent"),
+        ({"op": "drop_legacy", "model": "clap"}, "drop_legacy: argument 'model': 'clap' is not one of muq, mert, latent"),
+        ({"op": "unload", "model": 3}, "unload: argument 'model': expected `str | null`, got `int`"),
+    ],
+)
+def test_model_names_come_from_the_catalogue_with_the_same_errors(message, expected):
+    with pytest.raises(EmbeddError) as info:
+        parse_request(message)
+    assert info.value.code is Code.BAD_REQUEST and info.value.message == expected

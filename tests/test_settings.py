@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from embedd.settings import Settings, SettingsInvalid, add_settings_arguments, build_settings, settings_from_args
@@ -140,9 +143,101 @@ def test_other_programs_variables_are_not_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("embedd_batch_size", "7")  # names are case-sensitive
     s = build_settings()
     assert s.log_level == "info" and s.socket != tmp_path / "other.sock" and s.device == "auto"
-    assert s.batch_size == 4
+    assert s.batch_size == 32
 
 
 def test_empty_environment_values_count_as_unset(monkeypatch):
     monkeypatch.setenv("NAVIDROME_MILVUS_URI", "")
     assert build_settings().milvus_uri is None
+
+
+def test_quantize_is_off_by_default_and_flagged_in_model_id(monkeypatch):
+    s = build_settings()
+    assert s.quantize == "none" and s.model_id("muq") == "OpenMuQ/MuQ-MuLan-large"
+    monkeypatch.setenv("EMBEDD_QUANTIZE", "int8")
+    s = build_settings({"mert_hop_s": "15"})
+    assert s.quantize == "int8"
+    assert s.model_id("muq") == "OpenMuQ/MuQ-MuLan-large?int8"
+    assert s.model_id("mert") == "m-a-p/MERT-v1-330M?hop_s=15&int8"
+    with pytest.raises(SettingsInvalid, match="--quantize / EMBEDD_QUANTIZE"):
+        build_settings({"quantize": "int4"})
+
+
+def test_legacy_names_rank_as_environment_between_flags_and_file(tmp_path, monkeypatch):
+    config = tmp_path / "embedd.toml"
+    config.write_text(f'log_dir = "{tmp_path / "from-file"}"\nmilvus_uri = "http://file:19530"\n')
+    monkeypatch.setenv("LOG_DIR", str(tmp_path / "from-env"))
+    monkeypatch.setenv("NAVIDROME_MILVUS_URI", "http://legacy:19530")
+    s = build_settings(config_file=config)
+    assert s.log_dir == tmp_path / "from-env" and s.milvus_uri == "http://legacy:19530"
+    monkeypatch.setenv("EMBEDD_MILVUS_URI", "http://embedd:19530")  # embedd's own name beats the legacy one
+    s = build_settings({"log_dir": str(tmp_path / "from-flag")}, config)
+    assert s.log_dir == tmp_path / "from-flag" and s.milvus_uri == "http://embedd:19530"
+
+
+def test_flags_and_file_take_field_names_only(tmp_path):
+    config = tmp_path / "embedd.toml"
+    config.write_text("EMBEDD_BATCH_SIZE = 3\n")
+    with pytest.raises(SettingsInvalid, match="unknown setting 'EMBEDD_BATCH_SIZE'"):
+        build_settings(config_file=config)
+
+
+def test_the_error_names_the_flag_and_every_variable():
+    with pytest.raises(SettingsInvalid) as info:
+        build_settings({"max_inflight_per_connection": "0"})
+    assert str(info.value).startswith("invalid setting --max-inflight-per-connection / EMBEDD_MAX_INFLIGHT: ")
+    with pytest.raises(SettingsInvalid) as info:
+        build_settings({"milvus_retry_s": "-1"})
+    assert "--milvus-retry-s / EMBEDD_MILVUS_RETRY_S:" in str(info.value)
+
+
+# Not settings, but read on purpose: the config file's name and what the path defaults follow.
+_READ_FOR_DEFAULTS = {"EMBEDD_CONFIG", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR", "STATE_DIRECTORY", "XDG_DATA_HOME", "HOME"}
+
+
+def _documented_names() -> set[str]:
+    from embedd.settings import env_names
+
+    return {name for field in Settings.model_fields for name in env_names(field)}
+
+
+@given(
+    name=st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,30}", fullmatch=True).filter(
+        lambda n: n not in _documented_names() and n not in _READ_FOR_DEFAULTS
+    ),
+    field=st.sampled_from(sorted(Settings.model_fields)),
+)
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_only_documented_variable_names_are_read(name, field, monkeypatch):
+    """Any other variable, however close to a setting's name, changes nothing."""
+    baseline = build_settings()
+    with monkeypatch.context() as patch:
+        for candidate in {name, field, field.upper(), "EMBEDD_" + field, "embedd_" + field}:
+            if candidate not in _documented_names():
+                patch.setenv(candidate, "garbage")
+        assert build_settings() == baseline
+
+
+@given(
+    flag=st.none() | st.integers(1, 1024),
+    own=st.none() | st.integers(1, 1024),
+    legacy=st.none() | st.sampled_from(["http://legacy:1", ""]),
+    in_file=st.none() | st.integers(1, 1024),
+)
+@hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_precedence_is_flag_then_environment_then_file_then_default(flag, own, legacy, in_file, monkeypatch, tmp_path):
+    config = tmp_path / "embedd.toml"
+    config.write_text(f'milvus_uri = "http://file:{in_file}"\n' + (f"batch_size = {in_file}\n" if in_file else ""))
+    with monkeypatch.context() as patch:
+        if own is not None:
+            patch.setenv("EMBEDD_BATCH_SIZE", str(own))
+            patch.setenv("EMBEDD_MILVUS_URI", f"http://own:{own}")
+        if legacy is not None:
+            patch.setenv("NAVIDROME_MILVUS_URI", legacy)
+        cli = {"batch_size": None if flag is None else str(flag), "milvus_uri": None if flag is None else f"http://flag:{flag}"}
+        s = build_settings(cli, config)
+    assert s.batch_size == next(v for v in (flag, own, in_file, 32) if v is not None)
+    expected_uri = (
+        f"http://flag:{flag}" if flag is not None else f"http://own:{own}" if own is not None else legacy or f"http://file:{in_file}"
+    )
+    assert s.milvus_uri == expected_uri

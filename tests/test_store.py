@@ -17,9 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from embedd.errors import Code, EmbeddError
-from embedd.store import MAX_LEN, TrackRow, VectorStore, truncate_utf8
+from embedd.store import MAX_LEN, Move, TrackRow, VectorStore, truncate_utf8
 
 from tests.milvus_fixtures import MilvusServer, _free_ports
+from tests.original_system import create_original_collection, original_reads
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,7 +55,7 @@ def store(uri: str, public: str) -> Iterator[VectorStore]:
 
 
 def _drop_prefix(store: VectorStore, public: str) -> None:
-    client = store._client()
+    client = store.milvus.client()
     for name in client.list_collections():
         if name == public or name.startswith(public + "__"):
             for alias in client.list_aliases(name).get("aliases", []):
@@ -219,7 +220,7 @@ def test_rebuild_commit_and_resume(store: VectorStore, public: str) -> None:
     assert _titles(again, new[2]) == ("t2", "new 2")
     # the first store follows the alias too
     assert _titles(store, new[11]) == ("t11", "new 11")
-    names = store._client().list_collections()
+    names = store.milvus.client().list_collections()
     assert [n for n in names if n.startswith(public)] == [rb.physical]
     # a committed rebuild reopened by its tag is recognised; commit again is a harmless no-op
     rb3 = again.begin_rebuild("muq", tag="job-1234")
@@ -254,52 +255,111 @@ def test_live_writes_during_rebuild_are_mirrored(store: VectorStore, public: str
     assert {f.track_id for f in store.fingerprints("muq")} == {"x0", "x1", "x2"}
 
 
-# -- migration of a plain collection -------------------------------------------------------------
+# -- the original system's collections and embedd's previous schema ---------------------------
 
 
-def test_migrates_plain_collection_with_our_schema(store: VectorStore, public: str) -> None:
-    # The system we replace created a REAL collection under the public name; here with our schema.
-    vecs = unit_vectors(5, DIM, seed=12)
-    legacy = VectorStore(store.uri)
-    legacy._create("muq", public, DIM)
-    legacy._models["muq"] = _plain_model(legacy, public)
-    legacy.upsert("muq", rows_for(vecs, title="legacy"))
-    legacy.close()
+def _previous_schema_collection(store: VectorStore, name: str, vecs: np.ndarray) -> None:
+    """A collection as embedd wrote it before schema 2: vector field `vector`, no `name`."""
+    from pymilvus import DataType, MilvusClient
 
+    client = store.milvus.client()
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=f"embedd v1 model=muq;dim={DIM};parts=1")
+    schema.add_field("track_id", DataType.VARCHAR, is_primary=True, max_length=256)
+    for f in ("path", "title", "artist", "album", "model_id"):
+        schema.add_field(f, DataType.VARCHAR, max_length=1024)
+    for f in ("duration_s", "file_mtime", "embedded_at"):
+        schema.add_field(f, DataType.DOUBLE)
+    schema.add_field("file_size", DataType.INT64)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+    client.create_collection(name, schema=schema, consistency_level="Strong")
+    params = MilvusClient.prepare_index_params()
+    params.add_index(field_name="vector", index_name="vector", index_type="HNSW", metric_type="COSINE", params={"M": 8, "efConstruction": 64})
+    client.create_index(name, params)
+    client.load_collection(name)
+    client.insert(name, [
+        {"track_id": r.track_id, "path": r.path, "title": r.title, "artist": r.artist, "album": r.album, "model_id": r.model_id,
+         "duration_s": r.duration_s, "file_mtime": r.file_mtime, "embedded_at": 5.0, "file_size": r.file_size, "vector": r.vector}
+        for r in rows_for(vecs, title="before")
+    ])  # fmt: skip
+
+
+def test_previous_schema_is_copied_not_reembedded(store: VectorStore, public: str) -> None:
+    vecs = unit_vectors(7, DIM, seed=12)
+    _previous_schema_collection(store, f"{public}__base", vecs)
+    client = store.milvus.client()
+    client.create_alias(f"{public}__base", public)
     store.ensure("muq", public, DIM)
-    client = store._client()
-    assert f"{public}__legacy" in client.list_collections() and public not in client.list_collections()
-    assert _titles(store, vecs[1]) == ("t1", "legacy 1")
-    assert store.count("muq") == 5
-    rb = store.begin_rebuild("muq", tag="after-migration")
-    store.upsert("muq", rows_for(vecs, title="rebuilt"), target=rb)
-    store.commit_rebuild(rb)
-    assert _titles(store, vecs[1]) == ("t1", "rebuilt 1")
-    assert f"{public}__legacy" not in client.list_collections()
-
-
-def _plain_model(store: VectorStore, public: str):  # noqa: ANN202 - a test-only peek at the private layout
-    from embedd.store import _Model
-
-    return _Model(name="muq", public=public, layout=store._describe_layout(public)[0])
-
-
-def test_migrates_plain_collection_with_foreign_schema(store: VectorStore, public: str) -> None:
-    client = store._client()
-    client.create_collection(public, dimension=8, primary_field_name="id", id_type="int", consistency_level="Strong")
-    client.insert(public, [{"id": i, "vector": [float(i + 1)] * 8} for i in range(3)])
-    store.ensure("muq", public, DIM)
-    assert store.count("muq") == 0  # fresh collection behind the alias
-    legacy = f"{public}__legacy"
-    assert client.query(legacy, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"] == 3
-    vecs = unit_vectors(3, DIM, seed=13)
-    store.upsert("muq", rows_for(vecs))
-    assert _titles(store, vecs[0])[0] == "t0"
-    # an unaltered restart finds everything as it left it
-    again = VectorStore(store.uri)
+    assert [n for n in client.list_collections() if n.startswith(public)] == [f"{public}__m_base"]
+    assert store.count("muq") == 7 and _titles(store, vecs[3]) == ("t3", "before 3")
+    assert list(store.fingerprints("muq"))[0].path.startswith("/music/t")
+    reads = original_reads(client, public, vecs[3], ["artist 0 - before 3", "artist 1 - before 1"], limit=3)
+    assert reads["all"][0] == "artist 0 - before 3" and set(reads["in"]) == {"artist 0 - before 3", "artist 1 - before 1"}
+    assert "artist 0 - before 3" not in reads["not_in"] and len(reads["not_in"]) == 3
+    again = VectorStore(store.uri)  # a restart finds the copy as it is
     again.ensure("muq", public, DIM)
-    assert again.count("muq") == 3
+    assert again.count("muq") == 7
     again.close()
+
+
+def test_original_collection_serves_until_embedd_is_complete(store: VectorStore, public: str) -> None:
+    client = store.milvus.client()
+    old = unit_vectors(4, DIM, seed=20)
+    old_names = [f"Old Artist - Old Song {i}" for i in range(4)]
+    create_original_collection(client, public, old, old_names)
+    store.ensure("muq", public, DIM)
+    assert store.pending("muq") and store.count("muq") == 0
+    new = unit_vectors(6, DIM, seed=21)
+    store.upsert("muq", rows_for(new, title="new"))
+    assert _titles(store, new[2]) == ("t2", "new 2")  # embedd's own search: its own set
+    assert original_reads(client, public, old[1], old_names[:2])["in"][0] == "Old Artist - Old Song 1"  # untouched
+    legacy = store.legacy_collections({"muq": public})
+    assert [(c.collection, c.serving, c.rows) for c in legacy] == [(public, True, 4)]
+    assert store.drop_legacy({"muq": public}, confirm=True) == []  # a serving one is never dropped
+
+    assert store.adopt_public_name("muq") == f"{public}__legacy"
+    assert not store.pending("muq") and store.adopt_public_name("muq") is None
+    reads = original_reads(client, public, new[2], ["artist 2 - new 2", "artist 0 - new 3"], limit=4)
+    assert reads["all"][0] == "artist 2 - new 2" and set(reads["in"]) == {"artist 2 - new 2", "artist 0 - new 3"}
+    assert set(reads["not_in"]).isdisjoint({"artist 2 - new 2", "artist 0 - new 3"}) and len(reads["not_in"]) == 4
+    assert original_reads(client, f"{public}__legacy", old[0], old_names)["in"][0] == old_names[0]
+
+    # a committed rebuild drops embedd's old set, never the legacy collection
+    rb = store.begin_rebuild("muq", tag="after-adoption")
+    store.upsert("muq", rows_for(new, title="rebuilt"), target=rb)
+    store.commit_rebuild(rb)
+    assert sorted(n for n in client.list_collections() if n.startswith(public)) == sorted([rb.physical, f"{public}__legacy"])
+    listed = store.drop_legacy({"muq": public}, confirm=False)
+    assert [(c.collection, c.serving, c.rows) for c in listed] == [(f"{public}__legacy", False, 4)]
+    assert f"{public}__legacy" in client.list_collections()
+    assert [c.collection for c in store.drop_legacy({"muq": public}, confirm=True)] == [f"{public}__legacy"]
+    assert store.legacy_collections({"muq": public}) == [] and _titles(store, new[0]) == ("t0", "rebuilt 0")
+
+
+def test_rebuild_over_an_original_collection_moves_it_aside(store: VectorStore, public: str) -> None:
+    client = store.milvus.client()
+    old = unit_vectors(3, DIM, seed=22)
+    create_original_collection(client, public, old, ["A - x", "A - y", "A - z"])
+    store.ensure("muq", public, DIM)
+    rb = store.begin_rebuild("muq", tag="first")
+    vecs = unit_vectors(5, DIM, seed=23)
+    store.upsert("muq", rows_for(vecs), target=rb)
+    assert original_reads(client, public, old[2], ["A - z"])["in"] == ["A - z"]  # until the commit
+    store.commit_rebuild(rb)
+    assert sorted(n for n in client.list_collections() if n.startswith(public)) == sorted([rb.physical, f"{public}__legacy"])
+    assert original_reads(client, public, vecs[4], [])["all"][0] == "artist 1 - old 4"
+    assert store.count("muq") == 5
+
+
+def test_rekey_moves_vectors_and_display_fields(store: VectorStore, public: str) -> None:
+    store.ensure("muq", public, DIM)
+    vecs = unit_vectors(4, DIM, seed=24)
+    store.upsert("muq", rows_for(vecs))
+    moves = [Move("t1", "n1", "/music/t1.flac", "Renamed", "Someone", "LP", 1001, 1_700_000_001.5), Move("gone", "n9", "", "", "", "", 0, 0.0)]
+    assert store.rekey("muq", moves) == ["n1"]
+    assert {f.track_id for f in store.fingerprints("muq")} == {"t0", "n1", "t2", "t3"}
+    hit = store.search("muq", vecs[1], limit=1)[0]
+    assert (hit.track_id, hit.title, hit.artist, hit.album) == ("n1", "Renamed", "Someone", "LP") and hit.score > 0.999
+    assert original_reads(store.milvus.client(), public, vecs[1], ["Someone - Renamed"])["in"] == ["Someone - Renamed"]
 
 
 # -- MERT-sized vectors ---------------------------------------------------------------------------
@@ -311,7 +371,7 @@ def test_mert_sized_vectors_self_first(store: VectorStore, public: str, capsys: 
     mert = public.replace("embedding_", "mert_embedding_")
     try:
         store.ensure("mert", mert, MERT_DIM)
-        layout = store._model("mert").layout
+        layout = store.layout("mert")
         assert layout.split == (not store.is_lite)  # Lite takes 76,800 dims whole; a server needs parts
         vecs = unit_vectors(36, MERT_DIM, seed=14)
         rows = rows_for(vecs)
@@ -394,3 +454,132 @@ def test_server_stop_and_restart(milvus_server: MilvusServer, capsys: pytest.Cap
     assert store.count("muq") == 5
     _drop_prefix(store, public)
     store.close()
+
+
+# -- error classification (no Milvus needed: real pymilvus and gRPC exception objects) -------------
+
+
+def _refusal(code: int, legacy: int = 1, reason: str = "", *, retriable: bool = False) -> BaseException:
+    """What pymilvus raises for a server's Status: ``MilvusException.from_status``, as its client does."""
+    from pymilvus.exceptions import MilvusException
+    from pymilvus.grpc_gen import common_pb2
+
+    return MilvusException.from_status(common_pb2.Status(code=code, error_code=legacy, reason=reason, retriable=retriable))
+
+
+def _grpc_failure(*, silent_peer: bool) -> BaseException:
+    """A real gRPC failure: a call to a closed port (UNAVAILABLE), or to a peer that never answers (DEADLINE_EXCEEDED)."""
+    import socket
+
+    import grpc
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        if silent_peer:
+            listener.listen()  # accepts the connection, never speaks HTTP/2
+        port = listener.getsockname()[1]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/milvus.proto.milvus.MilvusService/Connect")
+            try:
+                call(b"", timeout=0.3 if silent_peer else 2.0)
+            except grpc.RpcError as exc:
+                return exc
+    raise AssertionError("a call without a Milvus behind it succeeded")
+
+
+def test_availability_is_read_from_codes_not_messages() -> None:
+    from pymilvus.grpc_gen import common_pb2
+
+    from embedd.store.client import is_not_loaded, is_refused_parameter, is_unavailable
+
+    down = [
+        _refusal(2, reason="Fail connecting to server on 127.0.0.1:19530"),  # pymilvus CONNECT_FAILED
+        _refusal(2, reason="service unavailable"),  # the server's ErrServiceUnavailable
+        _refusal(1, common_pb2.NotReadyServe, "proxy not healthy"),  # a server starting or stopping
+        _refusal(503, common_pb2.NoReplicaAvailable, "channel not available", retriable=True),
+    ]
+    up = [
+        _refusal(100, common_pb2.CollectionNotExists, "collection not found; retry after connect timeout"),
+        _refusal(1, reason="Unexpected error, message=<deadline of the server is not ready>"),  # pymilvus' own default
+        _refusal(65535, reason="invalid dimension: 76800. should be in range 1 ~ 32768"),
+        _refusal(1100, common_pb2.IllegalArgument, "invalid parameter"),
+    ]
+    assert [is_unavailable(e) for e in down] == [True] * len(down)
+    assert [is_unavailable(e) for e in up] == [False] * len(up)
+    # The width refusal carries no code of its own: 2.3/2.4 servers' catch-all or ErrParameterInvalid.
+    assert [is_refused_parameter(e) for e in up] == [False, False, True, True]
+    assert is_not_loaded(_refusal(101, reason="failed to query: collection not loaded[collection=4708]"))
+    assert not is_not_loaded(_refusal(100, common_pb2.CollectionNotExists, "collection not loaded"))
+
+
+def test_grpc_failures_and_pymilvus_wrappers_are_unavailable() -> None:
+    import grpc
+    from pymilvus.decorators import error_handler, retry_on_rpc_failure
+    from pymilvus.exceptions import ConnectError, ParamError
+
+    from embedd.store.client import is_unavailable
+
+    refused = _grpc_failure(silent_peer=False)
+    assert refused.code() is grpc.StatusCode.UNAVAILABLE and is_unavailable(refused)
+    late = _grpc_failure(silent_peer=True)
+    assert late.code() is grpc.StatusCode.DEADLINE_EXCEEDED and is_unavailable(late)
+
+    @retry_on_rpc_failure(retry_times=2, initial_back_off=0.001)
+    def rpc(_handler: object, **_kwargs: object) -> None:
+        raise refused
+
+    with pytest.raises(Exception) as gave_up:  # pymilvus' retries ran out: the gRPC code becomes the code
+        rpc(object())
+    assert gave_up.value.code is grpc.StatusCode.UNAVAILABLE and is_unavailable(gave_up.value)
+
+    @error_handler(func_name="query")
+    def reset_by_peer() -> None:
+        raise ConnectionResetError("connection reset by peer")
+
+    with pytest.raises(Exception) as wrapped:  # wrapped as a MilvusException with pymilvus' default code
+        reset_by_peer()
+    assert wrapped.value.code == 1 and is_unavailable(wrapped.value)
+    assert is_unavailable(ConnectError(message="cannot connect"))
+    assert not is_unavailable(ParamError(message="timeout must be a number; not connected yet"))
+
+
+def test_failures_map_to_contract_codes(tmp_path: Path) -> None:
+    from pymilvus import DataType, MilvusClient
+    from pymilvus.grpc_gen import common_pb2
+
+    from embedd.store.client import Milvus
+
+    uri = str(tmp_path / "errors.db")
+    milvus = Milvus(uri, timeout_s=10)
+    client = milvus.client()
+
+    def fail(exc: BaseException):
+        def fn(_client: object) -> None:
+            raise exc
+
+        return fn
+
+    with pytest.raises(EmbeddError) as down:
+        milvus.call("search x", fail(_refusal(1, common_pb2.NotReadyServe, "stopping")))
+    assert down.value.code is Code.UNAVAILABLE and uri in down.value.message
+    assert milvus.client() is not client, "an unavailable Milvus gets a new client on the next call"
+    with pytest.raises(EmbeddError) as refused:
+        milvus.call("describe collection x", fail(_refusal(100, common_pb2.CollectionNotExists, "connect retry timeout")))
+    assert refused.value.code is Code.INTERNAL and "refused to describe collection x" in refused.value.message
+
+    # A released collection (as a restarted server has them) is loaded by a read that needs it.
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=16)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=4)
+    params = MilvusClient.prepare_index_params()
+    params.add_index(field_name="embedding", index_type="FLAT", metric_type="COSINE")
+    c = milvus.client()
+    c.create_collection("released", schema=schema, index_params=params)
+    c.insert("released", [{"pk": "a", "embedding": [1.0, 0.0, 0.0, 0.0]}])
+    c.release_collection("released")
+    search = lambda c: c.search("released", data=[[1.0, 0.0, 0.0, 0.0]], limit=1)  # noqa: E731
+    with pytest.raises(EmbeddError) as not_loaded:
+        milvus.call("search released", search)
+    assert not_loaded.value.code is Code.INTERNAL
+    assert milvus.call("search released", search, loads="released")[0][0]["pk"] == "a"
+    milvus.reset()

@@ -190,6 +190,16 @@ CREATE TABLE IF NOT EXISTS job_failure (
     UNIQUE (job_seq, track_id, model)
 );
 CREATE INDEX IF NOT EXISTS job_failure_order ON job_failure (job_seq, id);
+-- tracks whose forward passes are under way (running = 1), and how many unclean
+-- exits each has been in flight at (the crash-loop guard; see begin_track)
+CREATE TABLE IF NOT EXISTS job_inflight (
+    job_seq  INTEGER NOT NULL REFERENCES job (seq) ON DELETE CASCADE,
+    track_id TEXT    NOT NULL,
+    path     TEXT    NOT NULL DEFAULT '',
+    running  INTEGER NOT NULL DEFAULT 1,
+    crashes  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_seq, track_id)
+) WITHOUT ROWID;
 -- a track's outcome, recorded once per job, so that counters count it once
 CREATE TABLE IF NOT EXISTS job_track (
     job_seq  INTEGER NOT NULL REFERENCES job (seq) ON DELETE CASCADE,
@@ -477,6 +487,75 @@ class JobStore:
             )
             return self._get(job_id)
 
+    # ---- the crash-loop guard
+    #
+    # A track that makes the daemon die (the kernel's OOM killer, a crash in native
+    # code) would, after systemd's restart, be resumed and kill it again, for ever.
+    # So a track is marked before its forward passes start and unmarked when they
+    # end; at start-up the marks left behind count as one unclean exit each. A
+    # track that was in flight at one unclean exit is retried alone (the pipeline
+    # runs it with nothing else in flight, so a second death is its own); at two it
+    # is recorded as failed and skipped.
+
+    def begin_track(self, job_id: str, track_id: str, path: str) -> None:
+        """Mark a track's forward passes as started (durable before they start)."""
+        with self._lock, self._transaction() as c:
+            c.execute(
+                "INSERT INTO job_inflight (job_seq, track_id, path, running) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT (job_seq, track_id) DO UPDATE SET running = 1",
+                (self._seq(job_id), track_id, path),
+            )
+
+    def end_track(self, job_id: str, track_id: str) -> None:
+        """The track's forward passes ended (with vectors or an error): it did not kill the daemon."""
+        with self._lock, self._transaction() as c:
+            c.execute("DELETE FROM job_inflight WHERE job_seq = ? AND track_id = ?", (self._seq(job_id), track_id))
+
+    def stand_down(self, job_id: str) -> None:
+        """A clean shutdown: what was in flight was stopped, not crashed on."""
+        with self._lock, self._transaction() as c:
+            seq = self._seq(job_id)
+            c.execute("DELETE FROM job_inflight WHERE job_seq = ? AND crashes = 0", (seq,))
+            c.execute("UPDATE job_inflight SET running = 0 WHERE job_seq = ?", (seq,))
+
+    def recover_in_flight(self, job_id: str, *, max_crashes: int = 2) -> tuple[set[str], list[Failure]]:
+        """At start-up: count the unclean exit against what was in flight.
+
+        Returns the suspects (in flight at one unclean exit: to be retried alone)
+        and the failures recorded for tracks in flight at ``max_crashes``, which
+        are settled as failed here, in the same way as any other failure.
+        """
+        job = self.get_job(job_id)
+        if job is None:
+            return set(), []
+        with self._lock, self._transaction() as c:
+            seq = self._seq(job_id)
+            c.execute("UPDATE job_inflight SET crashes = crashes + 1, running = 0 WHERE job_seq = ? AND running = 1", (seq,))
+            rows = c.execute("SELECT track_id, path, crashes FROM job_inflight WHERE job_seq = ?", (seq,)).fetchall()
+            done = {
+                (t, m)
+                for t, m in c.execute("SELECT track_id, model FROM job_done WHERE job_seq = ?", (seq,))
+            } if any(n >= max_crashes for _, _, n in rows) else set()
+            given_up = [(t, path, n) for t, path, n in rows if n >= max_crashes]
+            c.executemany("DELETE FROM job_inflight WHERE job_seq = ? AND track_id = ?", ((seq, t) for t, _, _ in given_up))
+        failures = [
+            Failure(
+                track_id=t,
+                model=m,
+                code=Code.INTERNAL.value,
+                message=f"The daemon stopped {n} times while embedding '{path}' (out of memory or a crash in a "
+                "model); the track is skipped so that the job can finish.",
+                path=path,
+            )
+            for t, path, n in given_up
+            for m in job.models
+            if (t, m) not in done
+        ]
+        if given_up:
+            self.checkpoint(job_id, failures=failures, finished=[(t, Outcome.FAILED) for t, _, _ in given_up])
+        suspects = {t for t, _, n in rows if 0 < n < max_crashes}
+        return suspects, failures
+
     def record_done(self, job_id: str, items: Iterable[tuple[str, str]]) -> Job:
         return self.checkpoint(job_id, done=items)
 
@@ -571,11 +650,13 @@ def _statements(script: str) -> list[str]:
 class Checkpointer:
     """Buffers confirmed per-track results and writes them every ``every`` tracks.
 
-    The pipeline calls :meth:`add` (no I/O, safe on the event loop) once a
+    The batch run calls :meth:`add` (no I/O, safe on the event loop) once a
     track's rows are confirmed by Milvus, or once it failed or was skipped;
     when :meth:`add` returns True a checkpoint is due and the caller runs
     :meth:`flush` off the loop. Pause, cancel and the job's end call
-    :meth:`flush` too, so nothing confirmed is left unrecorded.
+    :meth:`flush` too, so nothing confirmed is left unrecorded. A track of a
+    pass that is not the job's last (``outcome=None``) records its stored
+    models only; its outcome comes with the last pass.
     """
 
     def __init__(self, store: JobStore, job_id: str, *, every: int = 100) -> None:
@@ -588,6 +669,9 @@ class Checkpointer:
         self._done: list[tuple[str, str]] = []
         self._failures: list[Failure] = []
         self._finished: list[tuple[str, Outcome]] = []
+        self._tracks = 0  # tracks added since the last flush, with or without an outcome
+        #: Outcomes buffered and not yet written, per outcome (what progress adds to the durable counters).
+        self.pending_outcomes: dict[Outcome, int] = {o: 0 for o in Outcome}
 
     @property
     def pending(self) -> int:
@@ -597,7 +681,7 @@ class Checkpointer:
     def add(
         self,
         track_id: str,
-        outcome: Outcome | str,
+        outcome: Outcome | str | None,
         *,
         done_models: Iterable[str] = (),
         failures: Iterable[Failure] = (),
@@ -605,19 +689,29 @@ class Checkpointer:
         with self._lock:
             self._done.extend((track_id, m) for m in done_models)
             self._failures.extend(failures)
-            self._finished.append((track_id, Outcome(outcome)))
-            return len(self._finished) >= self.every
+            if outcome is not None:
+                outcome = Outcome(outcome)
+                self._finished.append((track_id, outcome))
+                self.pending_outcomes[outcome] += 1
+            self._tracks += 1
+            return self._tracks >= self.every
 
     def flush(self) -> Job | None:
         """Write what is buffered (blocking); None when there was nothing."""
         with self._lock:
             done, failures, finished = self._done, self._failures, self._finished
             self._done, self._failures, self._finished = [], [], []
+            tracks, self._tracks = self._tracks, 0
         if not (done or failures or finished):
             return None
         try:
-            return self.store.checkpoint(self.job_id, done=done, failures=failures, finished=finished)
+            job = self.store.checkpoint(self.job_id, done=done, failures=failures, finished=finished)
         except BaseException:
             with self._lock:  # keep them for the next try (e.g. the disk was full)
                 self._done[:0], self._failures[:0], self._finished[:0] = done, failures, finished
+                self._tracks += tracks
             raise
+        with self._lock:
+            for _, outcome in finished:
+                self.pending_outcomes[outcome] -= 1
+        return job

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 import numpy as np
 
 from embedd.errors import Code, EmbeddError
-from embedd.models import ModelInfo
+from embedd.models import ModelInfo, text_model_hint
 
 if TYPE_CHECKING:  # torch is heavy; only the model modules import it at run time
     import torch
@@ -32,9 +32,12 @@ class ModelSpec:
 
     source: str  # hub id or local directory/file
     device: str  # "cpu", "cuda", "cuda:1" (already resolved from "auto")
-    half: bool  # float16 weights and activations (CUDA only)
-    batch_size: int  # windows per forward pass
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" autocast (resolved from "auto"; see models.precision)
+    batch_size: int = 32  # most items per forward pass; the memory budget usually allows fewer
     cache_dir: str | None = None  # hub cache; None = library default
+    memory_budget: int = 2048 << 20  # bytes of activations one forward pass may use (see models.memory)
+    hop_s: float | None = None  # windows' hop when not the model's contract (MERT's speed knob)
+    quantize: str = "none"  # "none" | "int8": int8 dynamic quantisation of Linear layers (CPU; models.quantize)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,6 +121,12 @@ class EmbeddingModel(abc.ABC):
         return torch.device(self.spec.device)
 
     # -- work ------------------------------------------------------------
+    def items_per_pass(self, item_bytes: int) -> int:
+        """How many batch items of ``item_bytes`` activations one forward pass may take."""
+        from embedd.models.memory import items_per_pass
+
+        return items_per_pass(item_bytes, self.spec.memory_budget, self.spec.batch_size)
+
     @abc.abstractmethod
     def embed_audio_many(self, waveforms: Sequence[np.ndarray]) -> list[AudioEmbedding]:
         """Embed several tracks at once, batching their windows together.
@@ -126,4 +135,4 @@ class EmbeddingModel(abc.ABC):
         """
 
     def embed_text(self, text: str) -> TextEmbedding:
-        raise EmbeddError(Code.UNSUPPORTED, f"model {self.name!r} cannot embed text; use 'muq'")
+        raise EmbeddError(Code.UNSUPPORTED, f"model {self.name!r} cannot embed text; {text_model_hint()}")

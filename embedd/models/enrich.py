@@ -1,6 +1,6 @@
 """Enrichment: how a sequence of per-window embeddings becomes one stored vector.
 
-The contract (``shared/PROTOCOL.md``) stores, per track and model, the
+The contract (``docs/protocol.md``) stores, per track and model, the
 concatenation of three per-dimension statistics of the window embeddings
 ``[D, T]`` over ``T``:
 

@@ -19,12 +19,23 @@ the tests' tiny random-weight checkpoints use it to stay small. The official
 checkpoint has no such key.
 
 Encoding reproduces ``music2latent.inference.encode_audio_inference`` with its
-own functions (``to_representation_encoder``) and constants: the waveform is
-cropped to a whole number of latent frames, its encoder representation is cut
-into chunks of at most ``max_waveform_length_encode`` (the last chunk padded
-with the representation of the track's start), every channel of every chunk is
-one batch item, and the latents are stitched back, cropped, and divided by
-``sigma_rescale``. The representation is computed per batch from each chunk's
+own functions (``to_representation_encoder``) and constants, called with a
+``max_waveform_length`` chosen per track (:func:`chunk_frames`): as many chunks
+as :data:`CHUNK_S`-second pieces the track needs, of near-equal length. The
+waveform is cropped to a whole number of latent frames, its encoder
+representation is cut into those chunks (the last one padded with the
+representation of the track's start, by less than a latent frame per chunk),
+every channel of every chunk is one batch item, and the latents are stitched
+back, cropped, and divided by ``sigma_rescale``.
+
+Why at most 10 s chunks and not the package's 60 s: one 60 s chunk channel costs
+about 7 GB of activations in one forward pass on a CPU (≈1.3 MB per
+representation frame, 5,160 frames), a 10 s one about 1.1 GB. Why near-equal
+chunks: cutting at exactly 10 s padded the last chunk to full length, so a
+30 s track cost four 10 s chunks (25 % of the work on padding, ``bench/latent.py``);
+four 7.5 s chunks cost its length. The stored vectors stay within cosine ≈0.9993
+of 60 s chunks. How many chunk channels share a pass comes from the memory
+budget (:meth:`item_bytes`). The representation is computed per batch from each chunk's
 own samples (the STFT frames are independent), so a long track's whole
 representation -- 1.4 GB a minute -- is never on the GPU at once. Batch items
 of all tracks of a call run together (grouped by length), with the
@@ -50,11 +61,19 @@ from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec
 from embedd.models.enrich import enrich
+from embedd.models.quantize import quantize_model
 from embedd.models.runtime import autocast, group_by, resolve_file, run_batched
 
-__all__ = ["CHECKPOINT_FILENAME", "Music2LatentModel", "build_unet", "build_encoder"]
+__all__ = ["CHECKPOINT_FILENAME", "Music2LatentModel", "build_encoder", "build_unet", "chunk_frames"]
 
 CHECKPOINT_FILENAME = "music2latent.pt"
+#: Seconds of audio per encoder chunk (the package's ``max_waveform_length`` argument).
+CHUNK_S = 10
+#: Activation bytes per representation frame of one chunk channel in one forward pass, for the
+#: stock architecture (``base_channels`` 64); measured at real size on CPU in fp32 (1.23-1.31 MB
+#: for 5-20 s chunks, ``bench/memory.py``), rounded up. Narrower checkpoints scale with their width.
+BYTES_PER_FRAME_STOCK = 1_400_000
+_STOCK_BASE_CHANNELS = 64
 HPARAMS_KEY = "embedd_hparams"
 # the size parameters a checkpoint may override; anything else would change the representation
 OVERRIDABLE = frozenset(
@@ -119,6 +138,21 @@ def build_encoder(hparams: Mapping[str, Any] | None = None) -> torch.nn.Module:
     return _with_hparams(hparams, Encoder)
 
 
+def chunk_frames(frames: int, max_frames: int, down: int) -> int:
+    """Representation frames per chunk of a ``frames``-long track: near-equal chunks, none longer
+    than ``max_frames``.
+
+    Cutting at ``max_frames`` and padding the last chunk up to it made a 30 s track cost four
+    10 s chunks (a third more than its length); the same number of chunks of equal length pads
+    less than one latent frame per chunk. ``frames`` and ``max_frames`` are whole latent frames
+    (multiples of ``down``), and so is the result.
+    """
+    if frames <= max_frames:
+        return frames
+    chunks = -(-frames // max_frames)
+    return -(-(frames // down) // chunks) * down
+
+
 class Music2LatentModel(EmbeddingModel):
     info = CATALOG["latent"]
 
@@ -126,13 +160,13 @@ class Music2LatentModel(EmbeddingModel):
         super().__init__(spec)
         self._encoder: torch.nn.Module | None = None
         self._channels: int | None = None  # latent channels C (64 for the real model)
-        # the package's own chunk length; an attribute so that tests can exercise chunking cheaply
         from music2latent.hparams import hop
-        from music2latent.hparams_inference import max_waveform_length_encode
 
         self._hop = int(hop)
-
-        self.max_waveform_length = int(max_waveform_length_encode)
+        self._width_scale = 1.0  # base_channels / stock, set at load
+        # CHUNK_S, not the package's 60 s (see the module docstring); an attribute so that
+        # tests can exercise chunking cheaply
+        self.max_waveform_length = int(CHUNK_S * self.info.sample_rate)
 
     # -- lifecycle ---------------------------------------------------------
     def _checkpoint_path(self) -> str:
@@ -144,7 +178,9 @@ class Music2LatentModel(EmbeddingModel):
         if not isinstance(checkpoint, dict) or "gen_state_dict" not in checkpoint:
             raise ValueError(f"{path} is not a Music2Latent checkpoint (no 'gen_state_dict')")
         state = checkpoint["gen_state_dict"]
-        encoder = build_encoder(checkpoint.get(HPARAMS_KEY))
+        hparams = checkpoint.get(HPARAMS_KEY) or {}
+        encoder = build_encoder(hparams)
+        self._width_scale = float(hparams.get("base_channels", _STOCK_BASE_CHANNELS)) / _STOCK_BASE_CHANNELS
         prefix = "encoder."
         enc_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         missing, unexpected = encoder.load_state_dict(enc_state, strict=False)
@@ -152,6 +188,7 @@ class Music2LatentModel(EmbeddingModel):
             raise ValueError(f"{path} lacks encoder weights: {', '.join(missing[:5])}")
         del checkpoint, state, enc_state
         encoder.eval().to(self.device)
+        quantize_model(encoder, self.spec.quantize, self.device)
         self._encoder = encoder
         self._channels = int(encoder.conv_out.out_channels)
 
@@ -198,6 +235,10 @@ class Music2LatentModel(EmbeddingModel):
         downscaling = 2 ** freq_downsample_list.count(0)
         max_frames = (int(self.max_waveform_length / hop) // downscaling) * downscaling
         return int(hop), int(downscaling), int(max_frames), float(sigma_rescale)
+
+    def item_bytes(self, frames: int) -> int:
+        """Activation bytes of one chunk channel of ``frames`` representation frames in one pass."""
+        return int(frames * BYTES_PER_FRAME_STOCK * self._width_scale)
 
     def _forward(self, items: Sequence[_Chunk]) -> torch.Tensor:
         """``[B, C, frames / downscaling]``: the encoder on each chunk's representation.
@@ -248,24 +289,26 @@ class Music2LatentModel(EmbeddingModel):
                 audio = np.tile(audio, (1, -(-min_samples // audio.shape[-1])))
             cropped = ((((audio.shape[-1] - 3 * hop) // hop) // down) * hop * down) + 3 * hop
             frames = (cropped - 4 * hop) // hop + 1
+            size = chunk_frames(frames, max_frames, down)
             # the package pads the last chunk with the track's first frames (and, when the length
             # divides evenly, adds a whole chunk of them that it then drops: we skip that one)
-            pad = (max_frames - frames % max_frames) % max_frames if frames > max_frames else 0
+            pad = (size - frames % size) % size if frames > size else 0
             channels = []
             for ch in range(audio.shape[0]):
                 mono = audio[ch]
                 indices = []
-                for first in range(0, frames, max_frames):
-                    count = min(max_frames, frames - first)
+                for first in range(0, frames, size):
+                    count = min(size, frames - first)
                     last = first + count >= frames
                     indices.append(len(items))
                     items.append(_Chunk(mono, first, count, pad if last else 0))
                 channels.append(indices)
             layout.append(channels)
         outputs: list[torch.Tensor | None] = [None] * len(items)
-        with autocast(self.device, self.spec.half):
-            for _, idx in group_by(items, lambda c: c.frames + c.pad).items():
-                rows = run_batched([items[i] for i in idx], self._forward, self.spec.batch_size,
+        with autocast(self.device, self.spec.precision):
+            for length, idx in group_by(items, lambda c: c.frames + c.pad).items():
+                per_pass = self.items_per_pass(self.item_bytes(int(length)))  # type: ignore[arg-type]
+                rows = run_batched([items[i] for i in idx], self._forward, per_pass,
                                    model_name=self.name, interrupt=self.interrupt)
                 for i, row in zip(idx, rows):
                     outputs[i] = row

@@ -10,8 +10,9 @@ modules cache (``HF_MODULES_CACHE``) on first load; that directory must be
 writable. Any model the same call can load works: the tests use a tiny
 HuBERT-architecture directory, which ``AutoModel`` resolves to ``HubertModel``.
 
-Windows: 30 s with a 5 s hop at 24 kHz; a track up to 30 s is one window of the
-whole track; the tail of a longer track is covered by one more window aligned
+Windows: 30 s with a 5 s hop at 24 kHz (the contract; ``mert_hop_s`` may widen
+the hop -- a third of the work at 15 s -- and flags the rows' ``model_id``); a
+track up to 30 s is one window of the whole track; the tail of a longer track is covered by one more window aligned
 to the track's end, so every window of a long track has the same length and
 all of them -- across the tracks of one call -- batch together. Each window goes
 through the feature extractor (MERT's per-window normalisation) and the model
@@ -30,6 +31,7 @@ import torch
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec
 from embedd.models.enrich import enrich
+from embedd.models.quantize import quantize_model
 from embedd.models.runtime import (
     autocast,
     group_by,
@@ -71,6 +73,7 @@ class MertModel(EmbeddingModel):
                 f"feature extractor expects {extractor.sampling_rate} Hz, embedd feeds {self.info.sample_rate} Hz"
             )
         model.eval().to(self.device)
+        quantize_model(model, self.spec.quantize, self.device)
         self._model = model
         self._extractor = extractor
         # count the hidden states the model really returns (remote code may differ from its config)
@@ -98,6 +101,30 @@ class MertModel(EmbeddingModel):
             return None
 
     # -- work ----------------------------------------------------------------
+    def item_bytes(self, samples: int) -> int:
+        """Activation bytes of one ``samples``-long window in one forward pass, from the config.
+
+        The two peaks of a HuBERT-style model: the first CNN layer's output (and
+        the norm copy beside it, ×2) at 1/``conv_stride[0]`` of the sample rate,
+        and the transformer at one frame per 320 samples: every hidden state kept
+        for the time-means, one ``heads × T²`` attention matrix, the feed-forward
+        and a few ``T × hidden`` temporaries. fp32 sizes (autocast only lowers
+        them). For the real size and a 30 s window this gives 1.25 GB; measured
+        (``bench/memory.py``, CPU, fp32, one window per pass): 0.98 GB.
+        """
+        assert self._model is not None
+        config = self._model.config
+        strides = list(getattr(config, "conv_stride", (5, 2, 2, 2, 2, 2, 2)))
+        conv_dims = list(getattr(config, "conv_dim", (512,)))
+        frames = max(1, samples // int(np.prod(strides)))
+        hidden = int(config.hidden_size)
+        layers = int(config.num_hidden_layers) + 1
+        heads = int(config.num_attention_heads)
+        inter = int(getattr(config, "intermediate_size", 4 * hidden))
+        conv = 2 * int(conv_dims[0]) * (samples // int(strides[0])) * 4
+        transformer = (layers + 4) * frames * hidden * 4 + heads * frames * frames * 4 + 2 * frames * inter * 4
+        return int(conv + transformer)
+
     def _forward(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
         """``[B, layers * hidden]``: per window, the time-mean of every hidden state."""
         assert self._model is not None
@@ -119,14 +146,16 @@ class MertModel(EmbeddingModel):
         per_track: list[list[int]] = []  # indices into windows
         for n, wave in enumerate(waveforms):
             mono = mono_waveform(wave, index=n, model_name=self.name, min_samples=_MIN_SAMPLES)
-            spans = window_spans(mono.size, WINDOW_S * sr, HOP_S * sr, align_last_to_end=True)
+            hop = int(round((self.spec.hop_s or HOP_S) * sr))
+            spans = window_spans(mono.size, WINDOW_S * sr, hop, align_last_to_end=True)
             per_track.append(list(range(len(windows), len(windows) + len(spans))))
             windows.extend(mono[start:end] for start, end in spans)
         rows: list[torch.Tensor | None] = [None] * len(windows)
-        with autocast(self.device, self.spec.half):
-            for _, idx in group_by(windows, len).items():
+        with autocast(self.device, self.spec.precision):
+            for length, idx in group_by(windows, len).items():
+                per_pass = self.items_per_pass(self.item_bytes(int(length)))  # type: ignore[arg-type]
                 out = run_batched(
-                    [windows[i] for i in idx], self._forward, self.spec.batch_size, model_name=self.name, interrupt=self.interrupt
+                    [windows[i] for i in idx], self._forward, per_pass, model_name=self.name, interrupt=self.interrupt
                 )
                 for i, row in zip(idx, out):
                     rows[i] = row

@@ -71,6 +71,7 @@ from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
 from embedd.models.enrich import enrich
+from embedd.models.quantize import quantize_model
 from embedd.models.runtime import (
     autocast,
     group_by,
@@ -87,6 +88,11 @@ WINDOW_S = 120
 HOP_S = 15
 # a clip this short still gives the audio tower a few frames; shorter tracks are tiled up to it
 _MIN_SAMPLES = 24_000
+#: Activation bytes per clip sample for MuQ-large's audio tower (``encoder_dim`` 1024): measured
+#: 289 MB for one 10 s clip (1,204 B/sample; ``bench/memory.py``, CPU, fp32), rounded up;
+#: narrower towers scale with their width.
+BYTES_PER_SAMPLE_STOCK = 1_500
+_STOCK_WIDTH = 1024
 
 
 def resolve_submodel(name: str, base_dir: Path | None, cache_dir: str | None) -> str:
@@ -134,6 +140,8 @@ class MuQMuLanModel(EmbeddingModel):
             where, config=config, cache_dir=self.spec.cache_dir, local_files_only=local
         )
         model.eval().to(self.device)
+        # the audio tower only: text queries stay exact (they are cheap, and shared by every row)
+        quantize_model(model.mulan_module.audio, self.spec.quantize, self.device)
         sr = int(model.sr)
         if sr != self.info.sample_rate:
             raise ValueError(f"MuQ-MuLan expects {sr} Hz, embedd feeds {self.info.sample_rate} Hz")
@@ -169,6 +177,17 @@ class MuQMuLanModel(EmbeddingModel):
             return None
 
     # -- audio ---------------------------------------------------------------
+    def item_bytes(self, samples: int) -> int:
+        """Activation bytes of one ``samples``-long clip in one forward pass.
+
+        Scales with the clip's length and the audio tower's width; the constant
+        was measured at real size (MuQ-large, 1024 wide) on CPU in fp32 with
+        ``bench/memory.py`` (one 10 s clip per pass), rounded up.
+        """
+        assert self._model is not None
+        width = int(getattr(self._model.mulan_module.audio.model.config, "encoder_dim", _STOCK_WIDTH))  # type: ignore[union-attr]
+        return int(samples * BYTES_PER_SAMPLE_STOCK * width / _STOCK_WIDTH)
+
     def _forward(self, clips: Sequence[torch.Tensor]) -> torch.Tensor:
         """``[B, D]``: the normalised latent of each clip (MuLan's ``get_audio_latents``)."""
         return self._model.mulan_module.get_audio_latents(torch.stack(list(clips))).float()
@@ -217,9 +236,10 @@ class MuQMuLanModel(EmbeddingModel):
                 track_windows.append(members)
             windows.append(track_windows)
         latents: list[torch.Tensor | None] = [None] * len(clip_data)
-        with autocast(self.device, self.spec.half):
-            for _, idx in group_by(clip_data, lambda t: t.shape[0]).items():
-                out = run_batched([clip_data[i] for i in idx], self._forward, self.spec.batch_size,
+        with autocast(self.device, self.spec.precision):
+            for length, idx in group_by(clip_data, lambda t: t.shape[0]).items():
+                per_pass = self.items_per_pass(self.item_bytes(int(length)))  # type: ignore[arg-type]
+                out = run_batched([clip_data[i] for i in idx], self._forward, per_pass,
                                   model_name=self.name, interrupt=self.interrupt)
                 for i, row in zip(idx, out):
                     latents[i] = row
@@ -247,7 +267,7 @@ class MuQMuLanModel(EmbeddingModel):
             raise EmbeddError(
                 Code.TOO_LARGE, f"argument 'text' is {tokens} tokens long; model 'muq' reads at most {limit}"
             )
-        with autocast(self.device, self.spec.half):
+        with autocast(self.device, self.spec.precision):
             raw = self._model.mulan_module.get_text_latents(raw_texts=[text])[0].float()
             vector = enrich(raw.unsqueeze(1))
         return TextEmbedding(raw=raw.cpu().numpy().astype(np.float32), vector=vector)

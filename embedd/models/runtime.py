@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -203,18 +204,39 @@ def run_batched(
     return out
 
 
-@contextlib.contextmanager
-def autocast(device: torch.device, half: bool) -> Iterator[None]:
-    """Inference mode, plus float16 autocast on CUDA when the spec asks for half precision.
+def use_available_cores() -> int:
+    """Give torch's intra-op pool the CPUs this process may run on; returns how many.
 
-    Autocast rather than ``.half()`` weights: it keeps the reductions and norms
-    that overflow in float16 (softmax, layer/group norm, the spectrogram front
+    torch sizes its pool from the machine's cores, which overshoots when systemd
+    or a container limits the daemon to fewer (``CPUAffinity=``, cpusets): the
+    extra threads then fight over the same cores. Decoding runs in separate
+    processes and needs well under a core for a model's pace on a CPU, so the
+    models get all of them.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores))
+    return cores
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """Inference mode, plus bf16/fp16 autocast on the device when ``precision`` asks for it.
+
+    Autocast rather than converted weights: it keeps the reductions and norms
+    that overflow in 16 bits (softmax, layer/group norm, the spectrogram front
     ends) in float32, which is what the model authors' own mixed-precision
-    inference does.
+    inference does (see :mod:`embedd.models.precision`).
     """
     with torch.inference_mode():
-        if half and device.type == "cuda":
-            with torch.autocast(device_type="cuda", dtype=torch.float16):
-                yield
-        else:
+        dtype = _AUTOCAST_DTYPES.get(precision)
+        if dtype is None:
             yield
+        else:
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                yield

@@ -1,6 +1,7 @@
 package embedd
 
-// Model names of protocol v1.
+// Model names of protocol v1: the daemon's built-in models, as listed in
+// embedd.models.CATALOG (tests/test_catalog.py checks that the two agree).
 const (
 	ModelMuQ    = "muq"
 	ModelMERT   = "mert"

@@ -1,0 +1,254 @@
+"""The daemon's batch job: at most one active job, its lifecycle and its ops.
+
+The manager answers ``batch_*`` requests, starts a :class:`~embedd.batch.run.Run`
+for the active job (at ``batch_start``, ``batch_resume``, or at start-up for a
+job a crash or a shutdown interrupted), and hands the progress view its job.
+What a run does lives in :mod:`embedd.batch.run`; the plan of an incremental
+job in :mod:`embedd.batch.scan`; what progress shows in :mod:`embedd.batch.progress`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, Coroutine
+
+from embedd.audio import AudioDecoder
+from embedd.batch.progress import Progress
+from embedd.batch.retry import RetryingStore
+from embedd.batch.run import Collaborators, Run, StopReason, abort_rebuilds, record_status
+from embedd.batch.state import Job, JobStatus, JobStore
+from embedd.errors import Code, EmbeddError
+from embedd.executor import Executor
+from embedd.library import NavidromeLibrary, parse_shard, require_library
+from embedd.protocol import BatchFailuresArgs, BatchStartArgs, BatchWatchArgs, Handler, NoArgs
+from embedd.settings import Settings
+from embedd.store.io import StoreIO
+
+__all__ = ["BatchManager"]
+
+log = logging.getLogger(__name__)
+
+
+class BatchManager:
+    """The daemon's batch job: at most one active job, its progress and its ops."""
+
+    def __init__(self, settings: Settings, *, store_io: StoreIO, executor: Executor, library: NavidromeLibrary | None) -> None:
+        self.settings = settings
+        self.store_io = store_io
+        self.executor = executor
+        self.library = library
+        self.progress = Progress()
+        self.store = RetryingStore(store_io, self.progress, retry_s=settings.milvus_retry_s)
+        self._jobs: JobStore | None = None
+        self._collaborators: Collaborators | None = None
+        self._run: Run | None = None
+        self._op_lock = asyncio.Lock()
+        self._startup_error: str | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # ---- lifecycle
+    async def start_up(self, decoder: AudioDecoder) -> None:
+        """Open the state file and pick up an interrupted job (running resumes, cancelling finishes)."""
+        try:
+            self._jobs = await asyncio.to_thread(JobStore, self.settings.state_db)
+            self.progress.job = await asyncio.to_thread(self._jobs.latest_job)
+        except EmbeddError as exc:
+            self._startup_error = exc.message
+            log.error("batch jobs are unavailable: %s", exc.message)
+            return
+        self._collaborators = Collaborators(
+            settings=self.settings, jobs=self._jobs, progress=self.progress, store_io=self.store_io,
+            store=self.store, executor=self.executor, decoder=decoder, library=self.library,
+        )  # fmt: skip
+        job = self.progress.job
+        if job is None or not job.active:
+            return
+        if job.status is JobStatus.RUNNING:
+            suspects, given_up = await asyncio.to_thread(self._jobs.recover_in_flight, job.job_id)
+            for failure in given_up:
+                log.error("batch job %s: %s", job.job_id, failure.message)
+            if suspects:
+                log.warning("batch job %s: %d track(s) were in flight when the daemon died; retrying each alone",
+                            job.job_id, len(suspects))
+            self.progress.job = job = (await asyncio.to_thread(self._jobs.get_job, job.job_id)) or job
+            log.info("resuming interrupted batch job %s (%d of %d tracks settled)", job.job_id, job.settled_tracks, job.total_tracks)
+            self._launch(job, suspects)
+        elif job.status is JobStatus.CANCELLING:
+            self._spawn(self._finish_cancel(job))
+        else:
+            log.info("batch job %s is paused; batch_resume continues it", job.job_id)
+
+    async def quiesce(self) -> None:
+        """Shutdown: stop taking tracks, let in-flight ones land for a while, checkpoint; stay resumable."""
+        run = self._run
+        if run is not None and run.task is not None:
+            run.request(StopReason.QUIESCE)
+            grace = max(0.5, self.settings.shutdown_timeout_s / 2)
+            done, _ = await asyncio.wait({run.task}, timeout=grace)
+            if not done:
+                log.info("batch job %s: abandoning in-flight tracks at shutdown", run.job.job_id)
+                run.abandon()
+                await asyncio.wait({run.task}, timeout=2.0)
+            if self._jobs is not None:  # what was in flight was stopped by us, not crashed on
+                try:
+                    await asyncio.to_thread(self._jobs.stand_down, run.job.job_id)
+                except EmbeddError as exc:
+                    log.warning("batch job %s: could not record the clean stop: %s", run.job.job_id, exc.message)
+        for task in list(self._background):
+            task.cancel()
+
+    # ---- views
+    def progress_view(self) -> dict[str, Any]:
+        return self.progress.view()
+
+    def status_line(self) -> str:
+        return self.progress.status_line()
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "batch_start": Handler(self._op_start),
+            "batch_progress": Handler(lambda _args: self.progress.view(), inline=True),
+            "batch_watch": Handler(self._op_watch, streaming=True),
+            "batch_cancel": Handler(self._op_cancel),
+            "batch_pause": Handler(self._op_pause),
+            "batch_resume": Handler(self._op_resume),
+            "batch_failures": Handler(self._op_failures),
+        }
+
+    # ---- ops
+    def _require_jobs(self) -> JobStore:
+        if self._jobs is None:
+            raise EmbeddError(
+                Code.UNAVAILABLE, self._startup_error or "batch jobs are unavailable: the daemon is starting or stopping."
+            )
+        return self._jobs
+
+    async def _op_start(self, args: BatchStartArgs) -> dict[str, Any]:
+        async with self._op_lock:
+            jobs = self._require_jobs()
+            library = require_library(self.library)
+            shard = parse_shard(args.shard) if args.shard is not None else None
+            if args.clear_existing and shard is not None and shard.count > 1:
+                # A rebuild switches the whole collection at once; one shard's switch
+                # would hide (and drop) every other shard's vectors.
+                raise EmbeddError(
+                    Code.BAD_REQUEST,
+                    "batch_start: 'clear_existing' cannot be combined with 'shard'; "
+                    "run a rebuild on one daemon, or shard an incremental run",
+                )
+            current = self.progress.job
+            if current is not None and current.active:
+                raise EmbeddError(Code.BUSY, f"batch job {current.job_id} is {current.status.value}; cancel it or wait for it to finish.")
+            total = await library.count(shard)
+            job = await asyncio.to_thread(
+                jobs.create_job,
+                models=list(args.models),
+                clear_existing=args.clear_existing,
+                shard=str(shard) if shard is not None else None,
+                total_tracks=total,
+            )
+            self.progress.job = job
+            self.progress.new_run()
+            log.info(
+                "batch job %s started: %d tracks, models %s%s%s", job.job_id, total, ",".join(job.models),
+                ", clear_existing" if job.clear_existing else "", f", shard {job.shard}" if job.shard else "",
+            )  # fmt: skip
+            self._launch(job)
+            self.progress.bump()
+            return {"job_id": job.job_id, "total_tracks": total}
+
+    def _op_watch(self, args: BatchWatchArgs) -> AsyncIterator[tuple[dict[str, Any], bool]]:
+        return self.progress.watch(args.interval_s)
+
+    async def _op_cancel(self, _args: NoArgs) -> dict[str, Any]:
+        async with self._op_lock:
+            jobs = self._require_jobs()
+            job = self.progress.job
+            if job is None or job.status not in (JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.CANCELLING):
+                raise EmbeddError(Code.NOT_FOUND, "there is no running or paused batch job to cancel.")
+            if job.status is not JobStatus.CANCELLING:
+                self.progress.job = await asyncio.to_thread(jobs.set_status, job.job_id, JobStatus.CANCELLING)
+                self.progress.bump()
+            run = self._run
+            if run is not None and run.job.job_id == job.job_id:
+                run.request(StopReason.CANCEL)
+            elif job.status is not JobStatus.CANCELLING:
+                self._spawn(self._finish_cancel(self.progress.job))
+            return {"status": JobStatus.CANCELLING.value}
+
+    async def _op_pause(self, _args: NoArgs) -> dict[str, Any]:
+        async with self._op_lock:
+            jobs = self._require_jobs()
+            job = self.progress.job
+            if job is None or job.status not in (JobStatus.RUNNING, JobStatus.PAUSED):
+                raise EmbeddError(Code.NOT_FOUND, "there is no running batch job to pause.")
+            task = None
+            if job.status is JobStatus.RUNNING:
+                run = self._run
+                if run is not None and run.task is not None and not run.task.done():
+                    run.request(StopReason.PAUSE)  # the run finishes its in-flight tracks and records PAUSED
+                    task = run.task
+                else:  # no run is active: record the pause ourselves
+                    self.progress.job = await asyncio.to_thread(jobs.set_status, job.job_id, JobStatus.PAUSED)
+                    self.progress.bump()
+        # Wait outside the lock, so that a cancel can overtake a pause that is draining.
+        if task is not None:
+            await asyncio.wait({task})
+        return self.progress.view()
+
+    async def _op_resume(self, _args: NoArgs) -> dict[str, Any]:
+        async with self._op_lock:
+            jobs = self._require_jobs()
+            job = self.progress.job
+            if job is None or job.status not in (JobStatus.RUNNING, JobStatus.PAUSED):
+                raise EmbeddError(Code.NOT_FOUND, "there is no paused batch job to resume.")
+            if job.status is JobStatus.PAUSED:
+                job = self.progress.job = await asyncio.to_thread(jobs.set_status, job.job_id, JobStatus.RUNNING)
+                self.progress.reset_rate()
+                self._launch(job)
+                self.progress.bump()
+            elif self._run is None:
+                self._launch(job)
+            return self.progress.view()
+
+    async def _op_failures(self, args: BatchFailuresArgs) -> dict[str, Any]:
+        jobs = self._require_jobs()
+        job = self.progress.job
+        if job is None:
+            return {"total": 0, "failures": []}
+        total, failures = await asyncio.to_thread(jobs.failures, job.job_id, args.limit, args.offset)
+        return {"total": total, "failures": [f.to_wire() for f in failures]}
+
+    # ---- internals
+    def _launch(self, job: Job, suspects: set[str] | None = None) -> None:
+        assert self._collaborators is not None, "a batch job before start-up"
+        run = Run(self._collaborators, job, suspects)
+        self._run = run
+        self.progress.running = True
+
+        async def drive() -> None:
+            try:
+                await run.main()
+            finally:
+                if self._run is run:
+                    self._run = None
+                    self.progress.running = False
+                self.progress.bump()
+
+        run.task = asyncio.get_running_loop().create_task(drive(), name=f"batch-job-{job.job_id}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _finish_cancel(self, job: Job) -> None:
+        """Cancel a job that has no run (paused, or interrupted mid-cancel): drop its rebuild."""
+        try:
+            if job.status is not JobStatus.CANCELLING:
+                job = await asyncio.to_thread(self._require_jobs().set_status, job.job_id, JobStatus.CANCELLING)
+            await abort_rebuilds(self.store, job, {})
+        finally:
+            await record_status(self._require_jobs(), self.progress, job.job_id, JobStatus.CANCELLED)
+

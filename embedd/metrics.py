@@ -1,0 +1,203 @@
+"""Prometheus metrics: request counts and latency, queues, models, the batch job, audio embedded.
+
+Requests are counted where every client's request goes through: the op table.
+:meth:`Metrics.instrument` wraps each handler of ``build_handlers`` once, and
+the socket connection and the HTTP routes both dispatch through that wrapped
+table, so a ``ping`` is counted the same whichever way it came. Requests
+rejected before any handler runs (bad arguments, an unknown op) are counted by
+:meth:`Metrics.rejected`, from the same two places that parse requests.
+
+Everything else is read from the service when Prometheus scrapes (a custom
+collector), so the daemon's hot paths carry no bookkeeping for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+import itertools
+import time
+from typing import TYPE_CHECKING, Any, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from embedd.service import Service
+
+from embedd.errors import EmbeddError
+from embedd.models import MODEL_NAMES
+from embedd.protocol import OP_SCHEMAS, Handler
+
+__all__ = ["Metrics", "outcome_code"]
+
+#: Request latency buckets, seconds: from an inline ping to a long track on CPU.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def outcome_code(exc: BaseException) -> str:
+    """The ``code`` label of a request that raised ``exc``: its wire code, ``cancelled`` or ``internal``."""
+    if isinstance(exc, EmbeddError):
+        return exc.code.value
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "cancelled"
+    return "internal"
+
+
+class Metrics:
+    """The daemon's metrics, in its own registry (tests run several daemons in one process).
+
+    Request counts and latencies are plain dicts and lists updated on the event
+    loop (the only thread that answers requests), and become Prometheus
+    families only when scraped: prometheus_client's own Counter and Histogram
+    take a lock per update, which cost more than an inline ``ping`` itself.
+    """
+
+    def __init__(self, service: Service) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._counts: dict[tuple[str, str], int] = {}
+        self._durations: dict[str, list] = {}  # op -> [per-bucket counts (last: +Inf), sum]
+        self.registry.register(_RequestCollector(self))
+        self.registry.register(_ServiceCollector(service))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    # -- counting ------------------------------------------------------------------
+    def observe(self, op: str, code: str, seconds: float) -> None:
+        """One answered request."""
+        key = (op, code)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        stats = self._durations.get(op)
+        if stats is None:
+            stats = self._durations[op] = [[0] * (len(DURATION_BUCKETS) + 1), 0.0]
+        stats[0][bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        stats[1] += seconds
+
+    def rejected(self, op: object, code: str) -> None:
+        """A request refused before its handler ran; unknown op names all count as 'unknown'."""
+        key = (op if isinstance(op, str) and op in OP_SCHEMAS else "unknown", code)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def instrument(self, handlers: dict[str, Handler]) -> dict[str, Handler]:
+        """The same op table, each handler counted and timed."""
+        return {op: dataclasses.replace(h, fn=self._wrap(op, h)) for op, h in handlers.items()}
+
+    def _wrap(self, op: str, handler: Handler) -> Any:
+        fn, observe, clock = handler.fn, self.observe, time.perf_counter
+
+        if handler.inline:
+
+            def inline(args: Any) -> Any:
+                start = clock()
+                try:
+                    result = fn(args)
+                except Exception as exc:
+                    observe(op, outcome_code(exc), clock() - start)
+                    raise
+                observe(op, "ok", clock() - start)
+                return result
+
+            return inline
+
+        if handler.streaming:
+
+            async def streaming(args: Any) -> Any:
+                start, code = clock(), "ok"
+                try:
+                    async for item in fn(args):
+                        yield item
+                except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
+                    code = outcome_code(exc)
+                    raise
+                finally:
+                    observe(op, code, clock() - start)
+
+            return streaming
+
+        async def call(args: Any) -> Any:
+            start = clock()
+            try:
+                result = await fn(args)
+            except (Exception, asyncio.CancelledError) as exc:
+                observe(op, outcome_code(exc), clock() - start)
+                raise
+            observe(op, "ok", clock() - start)
+            return result
+
+        return call
+
+    # -- exposition --------------------------------------------------------------------
+    def render(self) -> bytes:
+        """The text exposition format, for GET /metrics."""
+        return generate_latest(self.registry)
+
+
+class _RequestCollector(Collector):
+    """embedd_requests_total and embedd_request_duration_seconds, from the plain counters."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+    def collect(self) -> Iterator[Any]:
+        counts = CounterMetricFamily(
+            "embedd_requests", "Requests answered, by op and result code ('ok' or the error code).", labels=["op", "code"]
+        )
+        for (op, code), n in sorted(self._metrics._counts.items()):
+            counts.add_metric([op, code], n)
+        yield counts
+        durations = HistogramMetricFamily(
+            "embedd_request_duration_seconds", "Time from a parsed request to its answer, by op.", labels=["op"]
+        )
+        bounds = [*map(floatToGoString, DURATION_BUCKETS), "+Inf"]
+        for op, (per_bucket, total) in sorted(self._metrics._durations.items()):
+            cumulative = list(itertools.accumulate(per_bucket))
+            durations.add_metric([op], list(zip(bounds, cumulative)), total)
+        yield durations
+
+
+class _ServiceCollector(Collector):
+    """Gauges read from the service at scrape time."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())  # dynamic: prometheus_client then calls collect() only when scraped
+
+    def collect(self) -> Iterator[Any]:
+        executor = self._service.executor
+        queue = GaugeMetricFamily("embedd_queue_depth", "Requests waiting for the model executor, by lane.", labels=["lane"])
+        for lane, depth in executor.queue_depths.items():
+            queue.add_metric([lane], depth)
+        yield queue
+
+        loaded = GaugeMetricFamily("embedd_model_loaded", "1 while the model is loaded.", labels=["model"])
+        snapshot = executor.snapshot()
+        for name in MODEL_NAMES:
+            state = snapshot.get(name)
+            loaded.add_metric([name], 1.0 if state is not None and state.loaded else 0.0)
+        yield loaded
+
+        progress = self._service.batch.progress.view()
+        for key, text in (
+            ("total_tracks", "Tracks in the latest batch job's library (shard)."),
+            ("processed_tracks", "Tracks the latest batch job embedded."),
+            ("failed_tracks", "Tracks the latest batch job failed in at least one model."),
+        ):
+            yield GaugeMetricFamily(f"embedd_batch_{key}", text, value=progress.get(key) or 0)
+
+        audio = CounterMetricFamily("embedd_audio_seconds", "Seconds of audio embedded, by model.", labels=["model"])
+        seconds = executor.audio_seconds
+        for name in MODEL_NAMES:
+            audio.add_metric([name], float(seconds.get(name, 0.0)))
+        yield audio
