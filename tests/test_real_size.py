@@ -27,7 +27,13 @@ from tests.conftest import REPO, model_args
 from tests.daemon import Daemon, short_tmpdir
 
 MiB = 1 << 20
-BUDGET_MB = 1024
+#: The smallest round budget that holds one real-size Music2Latent item (a 10 s chunk channel:
+#: 856 frames x 1.4 MB = 1.2 GB), so the bound below is the plain design bound. Under one
+#: item's cost the daemon runs that item alone (embedd.models.memory), one item over the budget:
+#: a 1024 MB budget let a CI machine's fp32 run peak 160 MB over a bound that ignored that.
+BUDGET_MB = 1536
+#: The issue's own ceiling for this corpus (tiny MuQ and MERT, real-size Music2Latent).
+CEILING_MB = 4096
 #: What the bound allows beyond weights + budget + decoded audio: allocator slack, the
 #: representation of one chunk, the enrichment, msgpack buffers.
 SLACK_MB = 512
@@ -150,7 +156,7 @@ def test_mixed_corpus_with_real_size_latent_stays_within_the_memory_bound(real_m
                 assert not r["ok"] and r["error"]["code"] == "decode_error", (name, r)
                 assert path.name in r["error"]["message"], r
         peak_mb = _check_bound(d, loaded_kb, "the corpus", 720.0)
-        assert peak_mb < 4096, f"peak {peak_mb:.0f} MB"
+        assert peak_mb < CEILING_MB, f"peak {peak_mb:.0f} MB over the issue's {CEILING_MB} MB"
         assert d.proc.poll() is None
     finally:
         d.stop()

@@ -61,6 +61,7 @@ from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec
 from embedd.models.enrich import enrich
+from embedd.models.layout import channels_last
 from embedd.models.quantize import quantize_model
 from embedd.models.runtime import autocast, group_by, resolve_file, run_batched
 
@@ -187,7 +188,7 @@ class Music2LatentModel(EmbeddingModel):
         if missing:
             raise ValueError(f"{path} lacks encoder weights: {', '.join(missing[:5])}")
         del checkpoint, state, enc_state
-        encoder.eval().to(self.device)
+        channels_last(encoder.eval().to(self.device))  # NHWC convolutions (embedd.models.layout)
         quantize_model(encoder, self.spec.quantize, self.device)
         self._encoder = encoder
         self._channels = int(encoder.conv_out.out_channels)

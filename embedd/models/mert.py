@@ -31,6 +31,7 @@ import torch
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec
 from embedd.models.enrich import enrich
+from embedd.models.layout import channels_last_feature_encoder
 from embedd.models.quantize import quantize_model
 from embedd.models.runtime import (
     autocast,
@@ -73,6 +74,7 @@ class MertModel(EmbeddingModel):
                 f"feature extractor expects {extractor.sampling_rate} Hz, embedd feeds {self.info.sample_rate} Hz"
             )
         model.eval().to(self.device)
+        channels_last_feature_encoder(model)  # same sums, no transposes (embedd.models.layout)
         quantize_model(model, self.spec.quantize, self.device)
         self._model = model
         self._extractor = extractor

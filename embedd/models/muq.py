@@ -71,6 +71,7 @@ from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
 from embedd.models.enrich import enrich
+from embedd.models.layout import channels_last
 from embedd.models.quantize import quantize_model
 from embedd.models.runtime import (
     autocast,
@@ -139,7 +140,7 @@ class MuQMuLanModel(EmbeddingModel):
         model = MuQMuLan.from_pretrained(
             where, config=config, cache_dir=self.spec.cache_dir, local_files_only=local
         )
-        model.eval().to(self.device)
+        channels_last(model.eval().to(self.device))  # NHWC convolutions (embedd.models.layout)
         # the audio tower only: text queries stay exact (they are cheap, and shared by every row)
         quantize_model(model.mulan_module.audio, self.spec.quantize, self.device)
         sr = int(model.sr)
