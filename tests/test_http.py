@@ -222,8 +222,12 @@ async def test_similar_tracks_answers_audiomuse_shape_from_the_search_op(batch_r
     assert distances == sorted(distances) and all(-1e-6 <= d <= 2.0 for d in distances)
     # the same neighbours, the same scores, as the socket's search op
     hits = daemon.ok("search", model="muq", track_id=seed, limit=5, exclude_track_ids=[seed])["hits"]
-    assert [t["item_id"] for t in tracks] == [h["track_id"] for h in hits]
     assert distances == pytest.approx([1 - h["score"] for h in hits], abs=1e-6)
+    # the same tracks in the same order, except among equal scores, whose order is the index's
+    # (the library's generated tracks share audio, so some neighbours tie to the last bit)
+    for t, h in zip(tracks, hits):
+        tied = [o["track_id"] for o in hits if abs((1 - o["score"]) - t["distance"]) <= 1e-6]
+        assert t["item_id"] == h["track_id"] or t["item_id"] in tied, (tracks, hits)
     row = library.tracks[tracks[0]["item_id"]]
     assert (tracks[0]["title"], tracks[0]["author"], tracks[0]["album"]) == (row.title, row.artist, row.album)
 
