@@ -98,9 +98,7 @@ class ChannelsLastFeatureEncoder(nn.Module):
             as_image = hidden.transpose(1, 2).unsqueeze(2)  # [B, C, 1, T], channels-last strides
             weight = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
             out = F.conv2d(as_image, weight, conv.bias, stride=(1, conv.stride[0]))
-            hidden = out.squeeze(2).transpose(1, 2)  # [B, T, C]
-            if not hidden.is_contiguous():
-                hidden = hidden.contiguous()
+            hidden = out.squeeze(2).transpose(1, 2).contiguous()  # [B, T, C]; a no-op when channels-last
             hidden = layer.activation(layer.layer_norm(hidden))
         return hidden.transpose(1, 2)
 
