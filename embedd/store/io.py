@@ -56,6 +56,10 @@ class StoreIO:
         self._ok_at = time.monotonic()  # any answer from Milvus says it is up
         return result
 
+    async def read(self, fn: Callable[[VectorStore], T]) -> T:
+        """Run a read-only ``fn(store)`` (search, fetch of stored vectors): never queued behind batch writes."""
+        return await self.call(fn)
+
     def prepare(self, store: VectorStore, model: str, dim: int, *, any_dim: bool = False) -> None:
         """Make the model's collection usable for ``dim``-wide vectors (store thread; cached).
 
