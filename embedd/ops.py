@@ -50,12 +50,16 @@ def build_handlers(service: Service) -> dict[str, Handler]:
             "models": service.models_view(),
             "batch": service.batch.progress.view(),
             "queue": service.executor.queue_depths,
+            "executor": service.executor.lanes_view(),
             "milvus": {"uri": service.settings.resolved_milvus_uri, "ok": await service.store_io.ok()},
             "legacy_collections": await service.store_io.legacy_view(),
         }
 
     async def unload(args: UnloadArgs) -> dict:
-        return {"unloaded": await service.executor.unload(args.model)}
+        unloaded = await service.executor.unload(args.model)
+        names = [args.model] if args.model else list(CATALOG)
+        kept = {name: reason for name in names if (reason := service.executor.busy_reason(name))}
+        return {"unloaded": unloaded, "kept": kept}
 
     async def embed_file(args: EmbedFileArgs) -> dict:
         return await _embed_file(service, args)

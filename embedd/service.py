@@ -18,7 +18,7 @@ from embedd import __version__
 from embedd.audio import AudioDecoder
 from embedd.batch.manager import BatchManager
 from embedd.errors import EmbeddError, StartupError
-from embedd.executor import Executor, Lane, ModelRegistry
+from embedd.executor import Executor, Lane, LaneSettings, ModelRegistry
 from embedd.library import NavidromeLibrary, require_library
 from embedd.lockfile import take_lock
 from embedd.models import CATALOG, MODEL_NAMES
@@ -44,6 +44,11 @@ class Service:
             device=settings.device,
             queue_limits={Lane.INTERACTIVE: settings.interactive_queue, Lane.BATCH: settings.batch_queue},
             idle_check_s=settings.idle_check_s,
+            lanes=LaneSettings(
+                batch_threads=settings.batch_threads,
+                batch_nice=settings.batch_nice,
+                pass_budget_s=settings.pass_budget_s,
+            ),
         )
         self.library: NavidromeLibrary | None = (
             NavidromeLibrary(settings.navidrome_db, music_root=settings.music_root) if settings.navidrome_db else None
@@ -151,6 +156,9 @@ class Service:
             state = snapshot.get(name)
             view[name] = {
                 "loaded": bool(state and state.loaded),
+                "state": state.state if state else "unloaded",
+                "running": list(state.running) if state else [],
+                "pinned": bool(state and state.pinned),
                 "idle_s": state.idle_s if state else None,
                 "dim": self.executor.model_dim(name),
                 "collection": info.collection,

@@ -260,6 +260,24 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         ge=1,
         description="Batch-job tracks that may wait for the executor.",
     )
+    pass_budget_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Most seconds one batch forward pass should take, from each model's measured rate "
+        "(0 = sized by memory alone); the batch yields to interactive work between passes.",
+    )
+    batch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads the batch job's model work may use (0 = every core the daemon may use).",
+    )
+    batch_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="How much lower the batch job's CPU priority is than interactive work and the rest "
+        "of the host, as a Linux nice value (0 = the same).",
+    )
 
     # -- audio -------------------------------------------------------------
     max_audio_s: float = Field(

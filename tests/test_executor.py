@@ -36,6 +36,7 @@ class RecordingModel(EmbeddingModel):
         self.calls: list[int] = []  # how many tracks each embed_audio_many call received
         self.threads: set[str] = set()
         self.gate: threading.Event | None = None
+        self.batch_gate: threading.Event | None = None  # holds only the batch lane's thread
         self.entered = 0  # calls that reached the model (and maybe wait at the gate)
 
     def _load(self) -> None:
@@ -56,6 +57,8 @@ class RecordingModel(EmbeddingModel):
         self.entered += 1
         if self.gate is not None:
             self.gate.wait(10)
+        if self.batch_gate is not None and threading.current_thread().name == "embedd-batch":
+            self.batch_gate.wait(10)
         time.sleep(self.delay_s)
         self.calls.append(len(waveforms))
         out = []
@@ -120,13 +123,14 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_model_code_runs_only_on_the_executor_thread(running):
+async def test_model_code_runs_only_on_the_lane_threads(running):
     model = RecordingModel(SPEC)
     ex = running(model)
     await ex.embed_audio(Lane.INTERACTIVE, "muq", np.ones((1, 10), np.float32))
     await ex.embed_text(Lane.INTERACTIVE, "muq", "hello")
+    await ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 10), np.float32))
     await ex.unload("muq")
-    assert model.threads == {"embedd-executor"}
+    assert model.threads == {"embedd-interactive", "embedd-batch"}
 
 
 class FakeClock:
@@ -199,23 +203,132 @@ async def test_unload_op_semantics(running):
     assert await ex.unload("muq") == []
 
 
-async def test_interactive_work_overtakes_queued_batch_work(running):
+async def test_interactive_work_does_not_wait_for_the_batch_call_in_flight(running):
     model = RecordingModel(SPEC)
-    model.gate = threading.Event()  # hold the thread on the first job
+    model.batch_gate = threading.Event()  # hold the batch thread inside its call
     ex = running(model)
     first = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.full((1, 4), 100.0, np.float32)))
-    await wait_for(lambda: model.entered == 1)  # taken by the thread, blocked on the gate
+    await wait_for(lambda: model.entered == 1)  # taken by the batch thread, blocked on the gate
     batch = [
         asyncio.create_task(ex.call(Lane.BATCH, lambda r, i=i: r.get("muq").embed_text(f"batch-{i}")))
         for i in range(5)
     ]
     await wait_for(lambda: ex.queue_depths["batch"] == 5)
-    interactive = asyncio.create_task(ex.embed_text(Lane.INTERACTIVE, "muq", "person"))
-    await wait_for(lambda: ex.queue_depths["interactive"] == 1)
-    model.gate.set()
-    await asyncio.gather(first, interactive, *batch)
+    # answered while the batch call is still held: the interactive lane has its own thread
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "person")
+    assert not first.done() and ex.queue_depths["batch"] == 5
+    model.batch_gate.set()
+    await asyncio.gather(first, *batch)
     texts = [value for kind, value in model.events if kind == "text"]
-    assert texts[0] == "person", texts  # queued after all five batch jobs, run before them
+    assert texts == ["person", *(f"batch-{i}" for i in range(5))]
+
+
+class PassModel(RecordingModel):
+    """Embeds through the real ``run_batched``: one forward pass per sample, each recorded."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.pass_gates: dict[int, threading.Event] = {}  # pass number -> held until set
+        self.passes = 0
+
+    def embed_audio_many(self, waveforms: Sequence[np.ndarray]) -> list[AudioEmbedding]:
+        from embedd.models.runtime import run_batched
+
+        import torch
+
+        items = [torch.tensor([float(x)]) for w in waveforms for x in w.reshape(-1)]
+
+        def forward(chunk):
+            self.passes += 1
+            number = self.passes
+            self.events.append(("pass", str(number)))
+            gate = self.pass_gates.get(number)
+            if gate is not None:
+                gate.wait(10)
+            return torch.stack(list(chunk))
+
+        rows = run_batched(items, forward, 1, model_name="muq")
+        v = np.array([float(sum(r.item() for r in rows)), 1.0, 1.0], np.float32)
+        return [AudioEmbedding(vector=v / np.linalg.norm(v), windows=len(rows))]
+
+
+async def test_batch_yields_to_interactive_work_at_the_next_pass_boundary(running):
+    model = PassModel(SPEC)
+    model.pass_gates[1] = threading.Event()
+    model.gate = None
+    ex = running(model)
+    job = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 3), np.float32)))
+    await wait_for(lambda: model.passes == 1)  # batch pass 1 in flight, held
+    assert ex.lanes_view()["lanes"]["batch"]["pass"]["model"] == "muq"
+    model.gate = threading.Event()  # hold the person's request inside the model
+    person = asyncio.create_task(ex.embed_text(Lane.INTERACTIVE, "muq", "person"))
+    await wait_for(lambda: model.entered == 1)  # inside embed_text, held
+    model.pass_gates[1].set()  # batch pass 1 ends while the person's request runs
+    await wait_for(lambda: ex.lanes_view()["lanes"]["batch"]["yielding"] or model.passes > 1)
+    assert model.passes == 1  # the batch waits at the pass boundary instead of starting pass 2
+    model.gate.set()
+    await asyncio.gather(person, job)
+    assert [e for e in model.events if e[0] in ("pass", "text")] == [
+        ("pass", "1"), ("text", "person"), ("pass", "2"), ("pass", "3"),
+    ]
+    recent = ex.lanes_view()["recent"]
+    text_job = next(j for j in recent["jobs"] if j["kind"] == "text")
+    later = [p for p in recent["passes"] if p["lane"] == "batch" and p["started_seq"] > text_job["queued_seq"]]
+    assert later and all(p["started_seq"] > text_job["done_seq"] for p in later)
+
+
+async def test_withdrawn_batch_work_stops_at_the_next_pass_boundary(running):
+    model = PassModel(SPEC)
+    model.pass_gates[1] = threading.Event()
+    ex = running(model)
+    job = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 5), np.float32)))
+    await wait_for(lambda: model.passes == 1)  # pass 1 of 5 in flight, held
+    waiting = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 2), np.float32)))
+    await wait_for(lambda: ex.queue_depths["batch"] == 1)
+    assert ex.withdraw(Lane.BATCH) == 2  # the queued job and the call in flight (a paused job)
+    assert ex.queue_depths["batch"] == 0
+    model.pass_gates[1].set()
+    for task in (job, waiting):
+        with pytest.raises(EmbeddError) as info:
+            await task
+        assert info.value.code is Code.CANCELLED
+    assert model.passes == 1  # the call stopped at its next pass boundary; the queued one never ran
+    await ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 1), np.float32))  # the lane serves again at once
+    assert model.passes == 2
+
+
+async def test_a_cancelled_batch_call_frees_the_lane_within_one_pass(running):
+    model = PassModel(SPEC)
+    model.pass_gates[1] = threading.Event()
+    ex = running(model)
+    job = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 50), np.float32)))
+    await wait_for(lambda: model.passes == 1)
+    job.cancel()  # the batch job was cancelled: nobody waits for this call
+    await wait_for(lambda: job.done())
+    model.pass_gates[1].set()
+    await ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 1), np.float32))
+    assert model.passes == 2  # pass 1 finished, the abandoned call stopped, the next job ran one pass
+    assert ex.lanes_view()["lanes"]["batch"]["dropped"] >= 1
+
+
+def test_pinned_and_running_models_are_never_unloaded():
+    model = RecordingModel(SPEC)
+    clock = FakeClock()
+    registry = make_registry(model, clock, idle_s=30.0)
+    registry.get("muq")
+    registry.pin(["muq"])  # a running batch job uses it
+    clock.now += 3600.0
+    assert registry.unload_idle() == [] and model.loaded
+    assert registry.unload("muq") is False and "batch job" in registry.busy_reason("muq")
+    assert registry.snapshot()["muq"].pinned
+    registry.unpin(["muq"])
+    with registry.using("muq", "batch"):  # a pass in flight
+        assert registry.snapshot()["muq"].state == "running"
+        assert registry.snapshot()["muq"].running == ("batch",)
+        assert registry.unload("muq") is False
+    assert registry.unload_idle(queued=["muq"]) == []  # queued work counts as use
+    clock.now += 30.0
+    assert registry.unload_idle() == ["muq"] and not model.loaded
 
 
 async def test_full_lane_answers_overloaded_at_once(running):

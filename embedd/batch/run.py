@@ -127,8 +127,15 @@ class Run:
         if self.reason is None or reason > self.reason:
             self.reason = reason
         self.stop_taking.set()
+        if reason is StopReason.PAUSE:
+            # Within one forward pass: the model work queued for this job is withdrawn and
+            # the call in flight stops at its next pass boundary; tracks already embedded
+            # are still written, the rest are embedded again at resume.
+            self.c.executor.withdraw(Lane.BATCH)
         if reason is StopReason.CANCEL and self.body is not None:
-            self.body.cancel()  # takes effect at once: queued executor jobs are withdrawn
+            # At once: queued executor and decoder work is withdrawn with the tasks
+            # awaiting it, and the call in flight stops at its next pass boundary.
+            self.body.cancel()
 
     def abandon(self) -> None:
         """Shutdown grace is over: drop what is in flight (it is redone after the restart)."""
@@ -206,7 +213,8 @@ class Run:
             if self.stop_taking.is_set():
                 return
             live.pass_index, live.pass_seen = index, 0
-            await self._pass(group, final=index == len(groups) - 1)
+            with self.c.executor.pinned(group):  # never idle-unloaded while this pass uses them
+                await self._pass(group, final=index == len(groups) - 1)
             await self._flush()
             if len(groups) > 1 and not self.stop_taking.is_set():
                 await self._unload(group)
@@ -326,6 +334,8 @@ class Run:
         self, item: Item, decoder: AudioDecoder, decode_sem: asyncio.Semaphore, embed_sem: asyncio.Semaphore
     ) -> Result | None:
         track = item.track
+        if self.reason is StopReason.PAUSE:
+            return None  # paused: not started, embedded at resume
         targets = decode_targets(item.models)
         try:
             async with decode_sem:
@@ -351,6 +361,8 @@ class Run:
 
         async def embed(model: str, wave: np.ndarray) -> AudioEmbedding:
             while True:
+                if self.reason is StopReason.PAUSE:
+                    raise EmbeddError(Code.CANCELLED, "the batch job paused")
                 async with embed_sem:
                     try:
                         return await self.c.executor.embed_audio(Lane.BATCH, model, wave)

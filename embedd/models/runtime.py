@@ -10,11 +10,13 @@
   read or written here: the decision is made per call, so the daemon's global
   state stays untouched.
 - **Windows.** :func:`window_spans` lays out fixed-length windows on a hop grid.
-- **Batches.** :func:`run_batched` runs a forward pass over items in batches of
-  at most ``batch_size`` and, on CUDA out-of-memory, halves the batch and
-  retries the same items, down to one item; the smaller size is kept for the
-  rest of that call (memory that just ran out rarely comes back mid-request),
-  and the next call starts again from the configured size.
+- **Passes.** :func:`run_batched` runs forward passes over items, at most
+  ``batch_size`` (the memory budget's count) per pass and as many as the
+  lane's time budget allows (:mod:`embedd.models.passes`); on CUDA
+  out-of-memory it halves the pass and retries the same items, down to one
+  item; the smaller size is kept for the rest of that call (memory that just
+  ran out rarely comes back mid-request), and the next call starts again from
+  the memory budget's count.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from embedd.errors import Code, EmbeddError
+from embedd.models import passes
 
 __all__ = [
     "autocast",
@@ -167,56 +171,78 @@ def run_batched(
     model_name: str,
     interrupt: threading.Event | None = None,
 ) -> list[torch.Tensor]:
-    """``forward`` over ``items`` in batches; one output row per item, in order.
+    """``forward`` over ``items`` in passes; one output row per item, in order.
 
-    ``forward`` takes a slice of ``items`` and returns a tensor whose first axis
-    has one entry per item. On ``torch.cuda.OutOfMemoryError`` the batch is
-    halved and the same items are retried; a single item that still does not
-    fit is an ``unavailable`` error (the GPU is busy with something else).
+    ``batch_size`` is the memory budget's count (at most that many items per
+    pass); the lane's :class:`~embedd.models.passes.PassPolicy` may take fewer
+    to keep a pass within its time budget, and runs between passes (see
+    :mod:`embedd.models.passes`). ``forward`` takes a slice of ``items`` and
+    returns a tensor whose first axis has one entry per item. On
+    ``torch.cuda.OutOfMemoryError`` the pass is halved and the same items are
+    retried; a single item that still does not fit is an ``unavailable`` error
+    (the GPU is busy with something else).
     """
+    policy = passes.current()
     out: list[torch.Tensor] = []
-    size = max(1, int(batch_size))
+    cap = max(1, int(batch_size))
     i = 0
     while i < len(items):
         if interrupt is not None and interrupt.is_set():
             raise EmbeddError(Code.CANCELLED, f"model {model_name!r} was stopped: the daemon is shutting down")
+        size = cap
+        if policy is not None:
+            policy.before_pass(model_name)
+            size = policy.items(model_name, cap)
         chunk = items[i : i + size]
+        token = policy.started(model_name, len(chunk)) if policy is not None else None
+        began = time.perf_counter()
         try:
             result = forward(chunk)
         except torch.cuda.OutOfMemoryError:
             result = None
+        finally:
+            seconds = time.perf_counter() - began
+            if policy is not None:
+                policy.ended(token, seconds)
         if result is None:  # outside the except block, so the failed batch's tensors are freed
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if size == 1:
+            if len(chunk) == 1:
                 raise EmbeddError(
                     Code.UNAVAILABLE,
                     f"model {model_name!r} ran out of GPU memory on a single window; "
                     "free GPU memory or lower the batch size and retry",
                 )
-            size = max(1, size // 2)
-            log.warning("model %s: CUDA out of memory, retrying with batch size %d", model_name, size)
+            cap = max(1, len(chunk) // 2)
+            log.warning("model %s: CUDA out of memory, retrying with batch size %d", model_name, cap)
             continue
         if result.shape[0] != len(chunk):
             raise RuntimeError(f"forward returned {result.shape[0]} rows for {len(chunk)} items")
+        if policy is not None:
+            policy.record(model_name, cap, len(chunk), seconds)
         out.extend(result.unbind(0))
         i += len(chunk)
     return out
 
 
-def use_available_cores() -> int:
-    """Give torch's intra-op pool the CPUs this process may run on; returns how many.
+def available_cores() -> int:
+    """The CPUs this process may run on.
 
     torch sizes its pool from the machine's cores, which overshoots when systemd
     or a container limits the daemon to fewer (``CPUAffinity=``, cpusets): the
     extra threads then fight over the same cores. Decoding runs in separate
     processes and needs well under a core for a model's pace on a CPU, so the
-    models get all of them.
+    models may use all of them.
     """
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def use_available_cores() -> int:
+    """Give torch's intra-op pool (of the calling thread) every available CPU; returns how many."""
+    cores = available_cores()
     torch.set_num_threads(max(1, cores))
     return cores
 
