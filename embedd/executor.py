@@ -522,6 +522,7 @@ class Executor:
         return {
             "lanes": view,
             "recent": {"passes": [p.to_wire(now) for p in recent], "jobs": jobs},
+            "seq": next(_seq),  # this view's place in the order of the events above
         }
 
     # -- submitting (event loop side) -------------------------------------------

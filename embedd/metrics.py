@@ -182,11 +182,25 @@ class _ServiceCollector(Collector):
         yield queue
 
         loaded = GaugeMetricFamily("embedd_model_loaded", "1 while the model is loaded.", labels=["model"])
+        states = GaugeMetricFamily(
+            "embedd_model_state", "1 for the model's state now: unloaded, loading, idle or running.", labels=["model", "state"]
+        )
+        running = GaugeMetricFamily(
+            "embedd_model_running", "1 while the lane runs work in the model.", labels=["model", "lane"]
+        )
         snapshot = executor.snapshot()
         for name in MODEL_NAMES:
             state = snapshot.get(name)
             loaded.add_metric([name], 1.0 if state is not None and state.loaded else 0.0)
+            now = state.state if state is not None else "unloaded"
+            for option in ("unloaded", "loading", "idle", "running"):
+                states.add_metric([name, option], 1.0 if option == now else 0.0)
+            for lane in ("interactive", "batch"):
+                running.add_metric([name, lane], 1.0 if state is not None and lane in state.running else 0.0)
         yield loaded
+        yield states
+        yield running
+        yield from _lane_families(executor)
 
         progress = self._service.batch.progress.view()
         for key, text in (
@@ -201,3 +215,49 @@ class _ServiceCollector(Collector):
         for name in MODEL_NAMES:
             audio.add_metric([name], float(seconds.get(name, 0.0)))
         yield audio
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Any) -> None:
+    bounds = [*map(floatToGoString, histogram.buckets), "+Inf"]
+    cumulative = list(itertools.accumulate(histogram.counts))
+    family.add_metric(labels, list(zip(bounds, cumulative)), histogram.sum)
+
+
+def _lane_families(executor: Any) -> Iterator[Any]:
+    """The executor's lanes in the style of TEI's metrics: queue wait and pass time, drops and refusals."""
+    view = executor.lanes_view()["lanes"]
+    oldest = GaugeMetricFamily(
+        "embedd_queue_oldest_wait_seconds", "How long the oldest waiting job has waited, by lane (0 when none).",
+        labels=["lane"],
+    )  # fmt: skip
+    in_flight = GaugeMetricFamily(
+        "embedd_pass_in_flight_seconds", "Age of the forward pass running now, by lane (0 when none).", labels=["lane"]
+    )
+    for lane, entry in view.items():
+        oldest.add_metric([lane], entry["oldest_wait_s"] or 0.0)
+        in_flight.add_metric([lane], (entry["pass"] or {}).get("age_s") or 0.0)
+    yield oldest
+    yield in_flight
+    wait = HistogramMetricFamily(
+        "embedd_queue_wait_seconds", "Time a job waited for its lane's thread, by lane.", labels=["lane"]
+    )
+    passes = HistogramMetricFamily(
+        "embedd_pass_duration_seconds", "Duration of one forward pass, by lane and model.", labels=["lane", "model"]
+    )
+    dropped = CounterMetricFamily(
+        "embedd_jobs_dropped", "Jobs withdrawn or stopped because nobody waited for them any more, by lane.",
+        labels=["lane"],
+    )  # fmt: skip
+    overloaded = CounterMetricFamily(
+        "embedd_jobs_overloaded", "Jobs refused because the lane's queue was full, by lane.", labels=["lane"]
+    )
+    for lane, stats in executor.stats.items():
+        _histogram(wait, [lane], stats.queue_wait)
+        for model, histogram in sorted(stats.pass_duration.items()):
+            _histogram(passes, [lane, model], histogram)
+        dropped.add_metric([lane], stats.dropped)
+        overloaded.add_metric([lane], stats.overloaded)
+    yield wait
+    yield passes
+    yield dropped
+    yield overloaded

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.daemon import Daemon, short_tmpdir
@@ -52,3 +54,20 @@ def tiny_models() -> dict[str, str]:
 def model_args(models: dict[str, str]) -> list[str]:
     """The serve flags that point a daemon at the tiny models."""
     return ["--muq-model", models["muq"], "--mert-model", models["mert"], "--latent-model", models["latent"]]
+
+
+@pytest.fixture(scope="session")
+def real_models(tiny_models) -> dict[str, str]:
+    """Tiny MuQ, plus the real-size Music2Latent and MERT architectures (random weights)."""
+    from tests.tiny_models import PRESETS, _build_latent, _build_mert
+
+    root = REPO / ".cache" / "real-size-models"
+    latent = root / "music2latent" / "music2latent.pt"
+    mert = root / "mert"
+    stamp = root / "built"
+    if not stamp.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        _build_latent(latent, PRESETS["full"], 7)
+        _build_mert(mert, PRESETS["full"], 8)
+        stamp.write_text("ok")
+    return {**tiny_models, "tiny_mert": tiny_models["mert"], "latent": str(latent), "mert": str(mert)}

@@ -464,3 +464,32 @@ async def test_stop_cancels_queued_work_and_unloads(running):
         await ex.embed_text(Lane.INTERACTIVE, "muq", "after stop")
     assert info.value.code is Code.CANCELLED
     assert (await blocker).vector.shape == (3,)  # the job that was running finished normally
+
+
+async def test_lane_metrics_count_passes_and_drops(running):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    from embedd.metrics import _lane_families
+
+    model = PassModel(SPEC)
+    ex = running(model)
+    await ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 3), np.float32))
+    model.pass_gates[4] = threading.Event()
+    held = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 2), np.float32)))
+    await wait_for(lambda: model.passes == 4)
+    held.cancel()  # nobody waits: the call stops before its second pass
+    model.pass_gates[4].set()
+    await wait_for(lambda: ex.lanes_view()["lanes"]["batch"]["pass"] is None and ex.stats["batch"].dropped == 1)
+
+    class Lanes(Collector):
+        def collect(self):
+            return _lane_families(ex)
+
+    registry = CollectorRegistry()
+    registry.register(Lanes())
+    text = generate_latest(registry).decode()
+    assert 'embedd_pass_duration_seconds_count{lane="batch",model="muq"} 4.0' in text, text
+    assert 'embedd_queue_wait_seconds_count{lane="batch"} 2.0' in text, text
+    assert 'embedd_jobs_dropped_total{lane="batch"} 1.0' in text, text
+    assert 'embedd_queue_oldest_wait_seconds{lane="interactive"} 0.0' in text, text

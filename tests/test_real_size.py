@@ -46,23 +46,6 @@ def _status_kb(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-@pytest.fixture(scope="module")
-def real_models(tiny_models) -> dict[str, str]:
-    """Tiny MuQ, plus the real-size Music2Latent and MERT architectures (random weights)."""
-    from tests.tiny_models import PRESETS, _build_latent, _build_mert
-
-    root = REPO / ".cache" / "real-size-models"
-    latent = root / "music2latent" / "music2latent.pt"
-    mert = root / "mert"
-    stamp = root / "built"
-    if not stamp.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        _build_latent(latent, PRESETS["full"], 7)
-        _build_mert(mert, PRESETS["full"], 8)
-        stamp.write_text("ok")
-    return {**tiny_models, "tiny_mert": tiny_models["mert"], "latent": str(latent), "mert": str(mert)}
-
-
 def _write_track(path: Path, seconds: float, rate: int = 44_100, channels: int = 2) -> Path:
     data = encode(tone(rate, channels, seconds, freq=330.0), rate, container_format="flac", codec="flac")
     path.write_bytes(data)

@@ -127,15 +127,13 @@ class Run:
         if self.reason is None or reason > self.reason:
             self.reason = reason
         self.stop_taking.set()
-        if reason is StopReason.PAUSE:
-            # Within one forward pass: the model work queued for this job is withdrawn and
-            # the call in flight stops at its next pass boundary; tracks already embedded
-            # are still written, the rest are embedded again at resume.
+        if reason in (StopReason.PAUSE, StopReason.CANCEL):
+            # Within one forward pass: the model work queued for this job is withdrawn now
+            # and the call in flight stops at its next pass boundary. On pause, tracks
+            # already embedded are still written; the rest are embedded again at resume.
             self.c.executor.withdraw(Lane.BATCH)
         if reason is StopReason.CANCEL and self.body is not None:
-            # At once: queued executor and decoder work is withdrawn with the tasks
-            # awaiting it, and the call in flight stops at its next pass boundary.
-            self.body.cancel()
+            self.body.cancel()  # and the pipeline's queued decodes go with its tasks
 
     def abandon(self) -> None:
         """Shutdown grace is over: drop what is in flight (it is redone after the restart)."""
