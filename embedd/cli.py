@@ -22,10 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from embedd import __version__
-from embedd.errors import EmbeddError
+from embedd.errors import Code, EmbeddError
 from embedd.models import DEFAULT_JOB_MODELS, MODEL_NAMES
 from embedd.protocol import DEFAULT_MODEL
-from embedd.settings import SettingsInvalid, add_settings_arguments, default_socket_path, settings_from_args
+from embedd.settings import (
+    SettingsInvalid,
+    add_settings_arguments,
+    check_device,
+    default_socket_path,
+    settings_from_args,
+)
 
 if TYPE_CHECKING:
     from embedd.client import Client
@@ -67,6 +73,7 @@ def _configure_logging(level: str, log_dir: Path | None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
+        check_device(settings)
     except SettingsInvalid as exc:
         print(f"embedd: {exc}", file=sys.stderr)
         return 2
@@ -188,6 +195,35 @@ def _print_hits(r: dict) -> None:
         print(f"{rank:>3}. {hit['score']:.4f}  {who}  [{hit['track_id']}]")
 
 
+def _print_mix(r: dict) -> None:
+    for warning in r["warnings"]:
+        print(f"warning: {warning}")
+    if not r["tracks"]:
+        print("no results")
+    for rank, t in enumerate(r["tracks"], 1):
+        who = " - ".join(x for x in (t.get("artist"), t.get("title")) if x) or t.get("path") or t["track_id"]
+        print(f"{rank:>3}. {t['score']:.4f}  {who}  [{t['track_id']}]  {t['reason']} ({','.join(t['models'])})")
+
+
+async def _mix_args(client: Client, args: argparse.Namespace) -> dict:
+    """``embedd mix``'s options as ``recommend`` arguments (a file is embedded first, by each model)."""
+    models = args.models or [DEFAULT_MODEL]
+    seeds: list[dict] = [{"track_id": tid, "source": "track"} for tid in args.track_ids or []]
+    seeds += [{"text": text, "source": "text"} for text in args.texts or []]
+    for path in args.files or []:
+        r = await client.call("embed_file", path=str(Path(path).absolute()), models=models)
+        seeds.append({"embeddings": {m: v["vector"] for m, v in r["models"].items()}, "source": "file"})
+    call_args: dict = {"seeds": seeds, "models": models, "limit": args.limit, "diversity": args.diversity}
+    for key, value in (
+        ("exclude_track_ids", args.exclude), ("negative_prompts", args.negative), ("library_ids", args.library),
+        ("disliked_artist_ids", args.dislike_artist), ("merge_strategy", args.merge),
+        ("min_model_agreement", args.min_agreement),
+    ):  # fmt: skip
+        if value:
+            call_args[key] = value
+    return call_args
+
+
 def _print_embed(r: dict) -> None:
     print(f"duration {r['duration_s']:.1f} s")
     for name, m in r["models"].items():
@@ -238,6 +274,10 @@ async def _run_client(args: argparse.Namespace) -> int:
             if args.exclude:
                 call_args["exclude_track_ids"] = args.exclude
             out(await client.call("search", **call_args), _print_hits)
+        elif cmd == "mix":
+            if not (args.track_ids or args.texts or args.files):
+                raise EmbeddError(Code.BAD_REQUEST, "mix: give at least one --track-id, --text or --file")
+            out(await client.call("recommend", **await _mix_args(client, args)), _print_mix)
         elif cmd == "batch":
             return await _run_batch(client, args, out)
         elif cmd == "drop-legacy":
@@ -340,6 +380,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL, choices=MODEL_NAMES)
     p.add_argument("-n", "--limit", type=int, default=20)
     p.add_argument("--exclude", action="append", metavar="TRACK_ID")
+
+    p = sub.add_parser(
+        "mix", parents=[client_opts], help="a playlist from seed tracks, texts or files (the recommender)",
+        description="Recommend tracks near the seeds: stored tracks (--track-id), texts (--text, through MuQ-MuLan; "
+        "bridged for mert and latent) and audio files (--file, embedded first). Seeds, excluded tracks and the "
+        "negative prompts' neighbours are kept out or pushed down; see docs/protocol.md (recommend).",
+    )  # fmt: skip
+    p.add_argument("--track-id", dest="track_ids", action="append", metavar="TRACK_ID", help="a stored seed track")
+    p.add_argument("--text", dest="texts", action="append", metavar="TEXT", help="a text seed")
+    p.add_argument("--file", dest="files", action="append", metavar="PATH", help="an audio file as a seed")
+    p.add_argument("-m", "--model", dest="models", action="append", choices=MODEL_NAMES, help="repeat for several; default muq")
+    p.add_argument("-n", "--limit", type=int, default=25)
+    p.add_argument("-d", "--diversity", type=float, default=0.0, help="0 (pure similarity) ... 1 (spread widely)")
+    p.add_argument("--exclude", action="append", metavar="TRACK_ID")
+    p.add_argument("--not", dest="negative", action="append", metavar="TEXT", help="a negative prompt")
+    p.add_argument("--library", action="append", type=int, metavar="ID", help="only tracks of this Navidrome library")
+    p.add_argument("--dislike-artist", action="append", metavar="ARTIST_ID")
+    p.add_argument("--merge", choices=("union", "intersection", "priority"))
+    p.add_argument("--min-agreement", type=int, metavar="N", help="union: found by at least N models")
 
     p = sub.add_parser(
         "drop-legacy", parents=[client_opts], help="drop the original system's collections embedd moved aside",

@@ -594,6 +594,38 @@ class NavidromeLibrary:
                     found[key] = Artist(artist_id, name, tuple(tracks))
         return found
 
+    async def facets(self, track_ids: list[str]) -> dict[str, tuple[int | None, str]]:
+        """track id -> (its ``library_id``, its ``artist_id``), for the present tracks among ``track_ids``.
+
+        ``library_id`` is None in schemas without libraries, ``artist_id`` "" in
+        schemas without it. For the recommender's library filter and disliked artists.
+        """
+        found: dict[str, tuple[int | None, str]] = {}
+        if not track_ids:
+            return found
+        async with self._connect() as (db, schema):
+            filt, _ = self._filters(schema, None)
+            library_id = "library_id" if schema.has_library_table or schema.layout == "relative" else "NULL"
+            ids = list(dict.fromkeys(track_ids))
+            artist = "artist_id"
+            for start in range(0, len(ids), _IN_BATCH):
+                batch = ids[start : start + _IN_BATCH]
+                marks = ", ".join("?" * len(batch))
+                try:
+                    rows = await self._fetchall(
+                        db, f"SELECT id, {library_id}, {artist} FROM media_file WHERE id IN ({marks}){filt}", tuple(batch)
+                    )
+                except EmbeddError:
+                    if artist == "''":
+                        raise
+                    artist = "''"  # no artist_id column (not in every schema)
+                    rows = await self._fetchall(
+                        db, f"SELECT id, {library_id}, {artist} FROM media_file WHERE id IN ({marks}){filt}", tuple(batch)
+                    )
+                for tid, lib_id, artist_id in rows:
+                    found[str(tid)] = (int(lib_id) if lib_id is not None else None, str(artist_id or ""))
+        return found
+
     async def get_track(self, track_id: str) -> Track | None:
         """One present track by id; None when unknown or marked missing."""
         async with self._connect() as (db, schema):

@@ -27,11 +27,13 @@ from embedd.protocol import (
     Handler,
     EmbedTextArgs,
     NoArgs,
+    RecommendArgs,
     SearchArgs,
     UnloadArgs,
     decode_vector,
     encode_vector,
 )
+from embedd.recommend import recommend as recommend_tracks
 from embedd.service import Service
 from embedd.store import TrackRow
 
@@ -83,6 +85,9 @@ def build_handlers(service: Service) -> dict[str, Handler]:
     async def drop_legacy(args: DropLegacyArgs) -> dict:
         return await service.store_io.drop_legacy(args.model, confirm=args.confirm)
 
+    async def recommend(args: RecommendArgs) -> dict:
+        return await recommend_tracks(service, args)
+
     handlers = {
         "ping": Handler(ping, inline=True),
         "status": Handler(status),
@@ -91,6 +96,7 @@ def build_handlers(service: Service) -> dict[str, Handler]:
         "embed_text": Handler(embed_text),
         "search": Handler(search),
         "drop_legacy": Handler(drop_legacy),
+        "recommend": Handler(recommend),
     }
     handlers.update(service.batch.handlers())
     missing = set(OP_SCHEMAS) - set(handlers)

@@ -13,6 +13,7 @@ prefix costs nothing.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import struct
 from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal
 
@@ -238,6 +239,81 @@ class DropLegacyArgs(Args):
     confirm: bool = False  # False: only say what would be dropped
 
 
+class RecommendSeed(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """One seed of ``recommend``: a stored track, a query vector, or a text (see docs/protocol.md)."""
+
+    track_id: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    weight: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    source: Annotated[str, msgspec.Meta(max_length=100)] = ""
+    played_at: str | None = None  # RFC 3339; accepted (the fork sends it), not used for ranking
+    embedding: bytes | list[float] | None = None  # a query vector in one model's space (list or float32 bin)
+    text: Annotated[str, msgspec.Meta(max_length=10_000)] | None = None  # embedded through MuQ-MuLan
+    embeddings: dict[ModelName, bytes | list[float]] | None = None  # one vector per model (an audio file's)
+
+
+MERGE_STRATEGIES = ("union", "intersection", "priority")
+DEFAULT_MODEL_PRIORITIES = {"muq": 1, "mert": 2, "latent": 3}
+
+
+class RecommendArgs(Args):
+    seeds: Annotated[list[RecommendSeed], msgspec.Meta(max_length=10_000)] = msgspec.field(default_factory=list)
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 25
+    models: Annotated[list[ModelName], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: [DEFAULT_MODEL]
+    )
+    merge_strategy: Literal["union", "intersection", "priority"] = "union"
+    model_priorities: dict[ModelName, int] = msgspec.field(default_factory=dict)
+    min_model_agreement: Annotated[int, msgspec.Meta(ge=1)] = 1
+    diversity: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    exclude_track_ids: Annotated[list[str], msgspec.Meta(max_length=100_000)] = msgspec.field(default_factory=list)
+    library_ids: Annotated[list[int], msgspec.Meta(max_length=10_000)] = msgspec.field(default_factory=list)
+    disliked_track_ids: Annotated[list[str], msgspec.Meta(max_length=100_000)] = msgspec.field(default_factory=list)
+    disliked_artist_ids: Annotated[list[str], msgspec.Meta(max_length=10_000)] = msgspec.field(default_factory=list)
+    dislike_strength: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
+    negative_prompts: Annotated[list[Annotated[str, msgspec.Meta(max_length=10_000)]], msgspec.Meta(max_length=64)] = (
+        msgspec.field(default_factory=list)
+    )
+    negative_prompt_penalty: Annotated[float, msgspec.Meta(ge=0.3, le=1.0)] = 0.85
+    negative_embeddings: dict[ModelName, Annotated[list[bytes | list[float]], msgspec.Meta(max_length=64)]] = (
+        msgspec.field(default_factory=dict)
+    )
+    # The fork's request carries these; accepted, not used for ranking.
+    mode: Annotated[str, msgspec.Meta(max_length=100)] = ""
+    user_id: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    user_name: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    exclude_playlist_ids: Annotated[list[str], msgspec.Meta(max_length=10_000)] = msgspec.field(default_factory=list)
+
+    def check(self) -> None:
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("'models' lists a model twice")
+        for i, seed in enumerate(self.seeds):
+            if seed.played_at is not None:
+                try:
+                    datetime.datetime.fromisoformat(seed.played_at.replace("Z", "+00:00").replace("z", "+00:00"))
+                except ValueError:
+                    raise ValueError(f"argument 'seeds[{i}].played_at': {seed.played_at[:60]!r} is not an RFC 3339 time") from None
+            if isinstance(seed.embedding, bytes) and (len(seed.embedding) == 0 or len(seed.embedding) % 4):
+                raise ValueError(f"argument 'seeds[{i}].embedding': a bin must hold a whole, non-zero number of float32 values")
+            if isinstance(seed.embedding, list) and not seed.embedding:
+                raise ValueError(f"argument 'seeds[{i}].embedding' is empty")
+            if seed.text is not None and not seed.text.strip():
+                raise ValueError(f"argument 'seeds[{i}].text' is blank")
+            if sum(x is not None for x in (seed.embedding, seed.text, seed.embeddings)) > 1:
+                raise ValueError(f"seeds[{i}]: give at most one of 'embedding', 'embeddings' or 'text'")
+            if not seed.track_id and seed.embedding is None and seed.text is None and not seed.embeddings:
+                raise ValueError(f"seeds[{i}] has neither 'track_id', 'embedding', 'embeddings' nor 'text'")
+            for model, v in (seed.embeddings or {}).items():
+                if (isinstance(v, bytes) and (not v or len(v) % 4)) or (isinstance(v, list) and not v):
+                    raise ValueError(f"argument 'seeds[{i}].embeddings.{model}' is not a vector")
+        for i, text in enumerate(self.negative_prompts):
+            if not text.strip():
+                raise ValueError(f"argument 'negative_prompts[{i}]' is blank")
+        for model, vectors in self.negative_embeddings.items():
+            for i, v in enumerate(vectors):
+                if (isinstance(v, bytes) and (not v or len(v) % 4)) or (isinstance(v, list) and not v):
+                    raise ValueError(f"argument 'negative_embeddings.{model}[{i}]' is not a vector")
+
+
 OP_SCHEMAS: dict[str, type[Args]] = {
     "ping": NoArgs,
     "status": NoArgs,
@@ -253,6 +329,7 @@ OP_SCHEMAS: dict[str, type[Args]] = {
     "batch_resume": NoArgs,
     "batch_failures": BatchFailuresArgs,
     "drop_legacy": DropLegacyArgs,
+    "recommend": RecommendArgs,
 }
 
 _NO_ARGS = NoArgs()
@@ -331,7 +408,9 @@ def _explain(msgspec_message: str) -> str:
     return text
 
 
-_CHOICES = {"model": MODEL_NAMES, "models": MODEL_NAMES, "vector_format": ("bin", "list")}
+_CHOICES = {
+    "model": MODEL_NAMES, "models": MODEL_NAMES, "vector_format": ("bin", "list"), "merge_strategy": MERGE_STRATEGIES,
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

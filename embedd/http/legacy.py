@@ -9,15 +9,22 @@ ignored, as the original services did; a known key of the wrong type is a 400.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from embedd.errors import Code, EmbeddError
 from embedd.http.context import HttpContext
 from embedd.http.responses import decode_object, error_response, json_response
+from embedd.metrics import outcome_code
+from embedd.models import CATALOG
+from embedd.protocol import RecommendArgs, RecommendSeed, encode_vector
+from embedd.recommend import bridged_text_vector
 
-__all__ = ["legacy_progress", "routes"]
+__all__ = ["fork_request", "legacy_progress", "routes"]
 
 #: embedd's job states that the original did not have, in the original's words.
 STATUS_WORDS = {"paused": "running", "cancelling": "running"}
@@ -62,17 +69,64 @@ def routes(ctx: HttpContext) -> list[web.RouteDef]:
     async def embed_text(request: web.Request) -> web.Response:
         body = decode_object(await request.read())
         fields = {k: body[k] for k in ("text", "model") if k in body}
+        args = ctx.parse("embed_text", {**fields, "vector_format": "list"}).args
+        if not CATALOG[args.model].text:
+            # No text tower (MERT, Music2Latent): a vector derived through MuQ-MuLan's, as the recommender bridges.
+            start, code = time.perf_counter(), "ok"
+            try:
+                vector, bridge = await bridged_text_vector(ctx.service, args.model, args.text)
+            except (Exception, asyncio.CancelledError) as exc:
+                code = outcome_code(exc)
+                raise
+            finally:
+                ctx.metrics.observe("embed_text", code, time.perf_counter() - start)
+            return json_response(
+                {
+                    "embedding": encode_vector(vector, "list"), "model": args.model, "dimension": int(vector.shape[-1]),
+                    "is_stub": False, "derived_from": "muq", "bridge_track_ids": bridge,
+                }
+            )  # fmt: skip
         result = await ctx.call("embed_text", {**fields, "vector_format": "list"})
         return json_response(
             {"embedding": result["vector"], "model": result["model"], "dimension": result["dim"], "is_stub": False}
         )
+
+    async def playlist(request: web.Request) -> web.Response:
+        """The fork's recommender: ``POST /playlist/{mode}``, answered by the ``recommend`` op."""
+        body = decode_object(await request.read())
+        fields = fork_request(body, request.match_info["mode"])
+        return json_response(await ctx.call("recommend", fields))
 
     return [
         web.post("/batch/start", batch_start),
         web.get("/batch/progress", batch_progress),
         web.post("/batch/cancel", batch_cancel),
         web.post("/embed_text", embed_text),
+        web.post("/playlist/{mode}", playlist),
     ]
+
+
+_REQUEST_KEYS = frozenset(f.name for f in msgspec.structs.fields(RecommendArgs))
+_SEED_KEYS = frozenset(f.name for f in msgspec.structs.fields(RecommendSeed))
+
+
+def fork_request(body: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The fork's ``/playlist/{mode}`` body as ``recommend`` arguments.
+
+    Unknown keys are dropped (in the body and in each seed), as the original
+    did; ``null`` means absent (Go's nil slices and maps). The path's mode wins.
+    Everything else goes to the op's schema as sent, so a wrong type is a 400
+    naming the field.
+    """
+    fields = {k: v for k, v in body.items() if k in _REQUEST_KEYS and v is not None}
+    seeds = fields.get("seeds")
+    if isinstance(seeds, list):
+        fields["seeds"] = [
+            {k: v for k, v in seed.items() if k in _SEED_KEYS and v is not None} if isinstance(seed, dict) else seed
+            for seed in seeds
+        ]
+    fields["mode"] = mode
+    return fields
 
 
 def legacy_progress(progress: dict[str, Any], *, one_model_at_a_time: bool) -> dict[str, Any]:

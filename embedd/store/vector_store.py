@@ -251,6 +251,104 @@ class VectorStore:
                 copied += len(batch)
         return copied
 
+    def get_vectors(self, model: str, track_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """The stored vectors (float32) of those of ``track_ids`` that have one, in few queries.
+
+        One Milvus query per batch of tracks sized to about 4 MiB of vectors
+        (hundreds of MuQ or Music2Latent tracks, a dozen MERT ones), never one
+        query per track.
+        """
+        ids = list(dict.fromkeys(track_ids))
+        if not ids:
+            return {}
+        name, layout = self.collections.target(model, None)
+        level = self._read_level(model)
+        if layout.split:
+            found = rows.fetch(self.milvus, name, layout, ids, level=level)
+            return {tid: vector for tid, (vector, _) in found.items()}
+        per = max(1, min(2000, (4 << 20) // (layout.dim * 4 + 64)))
+        vf = layout.vector_field
+        out: dict[str, np.ndarray] = {}
+        for start in range(0, len(ids), per):
+            batch = ids[start : start + per]
+            res = self.milvus.call(
+                f"read vectors from {name}",
+                lambda c: c.query(
+                    name, filter=in_list("track_id", batch), output_fields=["track_id", vf], consistency_level=level,
+                    timeout=self.timeout_s,
+                ),  # fmt: skip
+                loads=name,
+            )
+            for r in res:
+                out[str(r["track_id"])] = np.asarray(r[vf], dtype=np.float32)
+        return out
+
+    def describe(self, model: str, track_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+        """The stored display fields (path, title, artist, album) of those of ``track_ids`` stored for ``model``."""
+        ids = list(dict.fromkeys(track_ids))
+        name, layout = self.collections.target(model, None)
+        flt = " and part == 0" if layout.split else ""
+        out: dict[str, dict[str, str]] = {}
+        for start in range(0, len(ids), 1000):
+            batch = ids[start : start + 1000]
+            res = self.milvus.call(
+                f"read tracks from {name}",
+                lambda c: c.query(
+                    name, filter=in_list("track_id", batch) + flt, output_fields=["track_id", *META_FIELDS],
+                    consistency_level=self._read_level(model), timeout=self.timeout_s,
+                ),  # fmt: skip
+                loads=name,
+            )
+            for r in res:
+                out[str(r["track_id"])] = {f: str(r.get(f, "")) for f in META_FIELDS}
+        return out
+
+    def search_many(
+        self, model: str, vectors: list[np.ndarray], limit: int, exclude_track_ids: Iterable[str] = ()
+    ) -> list[list[Hit]]:
+        """:meth:`search` for many query vectors at once: one Milvus call (per 64 queries) for all of them.
+
+        Hits carry the track id and the cosine score (display fields are left empty).
+        """
+        if not vectors or limit < 1:
+            return [[] for _ in vectors]
+        name, layout = self.collections.target(model, None)
+        vecs = []
+        for vector in vectors:
+            vec = check_vector(model, vector, layout.dim, "the query vector")
+            if not np.any(vec):
+                raise EmbeddError(Code.BAD_REQUEST, f"the query vector for model {model} is all zeros.")
+            vecs.append(vec)
+        exclude = list(exclude_track_ids)
+        level = self._read_level(model)
+        out: list[list[Hit]] = []
+        if layout.split:
+            for vec in vecs:
+                out.append(self._search_split(name, layout, vec, limit, exclude, level))
+        else:
+            flt = in_list("track_id", exclude, negate=True) if exclude else ""
+            for start in range(0, len(vecs), 64):
+                chunk = vecs[start : start + 64]
+                res = self.milvus.call(
+                    f"search {name}",
+                    lambda c: c.search(
+                        name, data=chunk, anns_field=VECTOR_FIELD, limit=limit, filter=flt, output_fields=["track_id"],
+                        search_params={"metric_type": "COSINE", "params": {"ef": max(64, limit)}},
+                        consistency_level=level, timeout=self.timeout_s,
+                    ),  # fmt: skip
+                    loads=name,
+                )
+                for per_query in res:
+                    hits = [
+                        Hit(track_id=str(h["entity"].get("track_id", h.get("id"))), score=float(h["distance"]),
+                            path="", title="", artist="", album="")  # fmt: skip
+                        for h in per_query
+                    ]
+                    hits.sort(key=lambda h: -h.score)
+                    out.append(hits)
+        self.collections.model(model).changed = False
+        return out
+
     # -- search ----------------------------------------------------------------------------
 
     def search(self, model: str, vector: np.ndarray, limit: int, exclude_track_ids: Iterable[str] = ()) -> list[Hit]:
