@@ -75,7 +75,7 @@ LOAD_BACKOFF_MAX_S = 600.0
 #: Buckets of the queue-wait and pass-duration histograms, seconds.
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 #: Passes and jobs kept for ``status`` (``executor.recent``).
-RECENT = 32
+RECENT = 64
 
 
 class Lane(enum.IntEnum):
@@ -805,6 +805,7 @@ class Executor:
         entry = _Pass(label, model, items, time.monotonic(), next(_seq))
         with self._cond:
             self._in_flight[label] = entry
+            self._recent_passes.append(entry)  # shown in flight, then with its end
         return entry
 
     def _pass_ended(self, token: object, seconds: float) -> None:
@@ -820,7 +821,6 @@ class Executor:
         with self._cond:
             if self._in_flight.get(entry.lane) is entry:
                 del self._in_flight[entry.lane]
-            self._recent_passes.append(entry)
 
     # -- running a job (lane threads) -----------------------------------------------
     def _execute(self, registry: ModelRegistry, label: str, batch: list[_Job]) -> None:

@@ -432,11 +432,23 @@ def test_readme_tour_outputs_are_what_the_cli_prints(capsys):
     done = {"job_id": "149dc01cb850533f", "status": "completed_with_errors", "models": ["muq", "mert", "latent"],
             "total_tracks": 7, "processed_tracks": 6, "failed_tracks": 1, "skipped_tracks": 0, "current_track": None,
             "progress_percent": 100.0, "started_at": 1.0, "estimated_completion": None, "rate_tracks_per_s": None}
+    running = {**done, "status": "running", "processed_tracks": 2, "failed_tracks": 0, "progress_percent": 28.6,
+               "current_track": "Kestrel - Hollow Oak", "rate_tracks_per_s": 0.07}
+
+    def lane(depth, oldest, in_flight):
+        return {"depth": depth, "oldest_wait_s": oldest, "pass": in_flight, "yielding": False}
+
+    def model(state, idle_s, dim, collection, text, running=()):
+        return {"loaded": True, "state": state, "running": list(running), "pinned": True, "idle_s": idle_s,
+                "dim": dim, "collection": collection, "text": text}
+
     status = {"version": __version__, "device": "cpu", "milvus": {"uri": "/tmp/dx/data/milvus.db", "ok": True},
-              "queue": {"interactive": 0, "batch": 0}, "batch": done, "models": {
-                  "muq": {"loaded": True, "idle_s": 1.2, "dim": 1536, "collection": "embedding", "text": True},
-                  "mert": {"loaded": True, "idle_s": 0.3, "dim": 76800, "collection": "mert_embedding", "text": False},
-                  "latent": {"loaded": True, "idle_s": 7.1, "dim": 576, "collection": "latent_embedding", "text": False}}}
+              "queue": {"interactive": 0, "batch": 3}, "batch": running,
+              "executor": {"lanes": {"interactive": lane(0, None, None),
+                                     "batch": lane(3, 4.2, {"model": "latent", "items": 1, "age_s": 0.8})}},
+              "models": {"muq": model("idle", 1.2, 1536, "embedding", True),
+                         "mert": model("idle", 0.3, 76800, "mert_embedding", False),
+                         "latent": model("running", None, 576, "latent_embedding", False, ["batch"])}}
     assert printed(cli._print_status, status) == block_after("status")
     assert cli.render_progress(done) == block_after("batch start --follow")[-1]
     assert block_after("ping") == [f"pong: embedd {__version__}, protocol 1, up 11 s"]
