@@ -149,7 +149,7 @@ def test_every_op_has_a_section_and_every_error_code_is_explained():
     error_table = PROTOCOL[PROTOCOL.index("## 7. Error codes") : PROTOCOL.index("## 8. Versions")]
     for code in Code:
         assert f"| `{code.value}` |" in error_table, f"error code {code.value} is not explained"
-    assert "Fourteen ops" in PROTOCOL and len(OP_SCHEMAS) == 14
+    assert "Fifteen ops" in PROTOCOL and len(OP_SCHEMAS) == 15
 
 
 @pytest.mark.parametrize("name", ["ping-request", "ping-response"])
