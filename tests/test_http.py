@@ -333,7 +333,11 @@ async def test_embed_text_original_shape_and_v1_match_the_socket(batch_run, daem
     assert np.allclose(v1["raw"], socket_text["raw"], atol=1e-6)
 
     assert_error(*await post(daemon.url + "/embed_text", {"text": "x", "model": "mert"}), 422, "unsupported", "'mert'")
-    assert_error(*await post(daemon.url + "/embed_text", {"text": "x", "model": "latent"}), 422, "unsupported")
+    # latent has vectors here (mert has none): a vector derived through MuQ-MuLan's nearest tracks (test_recommend checks it)
+    status, derived = await post(daemon.url + "/embed_text", {"text": "x", "model": "latent"})
+    assert status == 200 and derived["is_stub"] is False and derived["derived_from"] == "muq", derived
+    assert derived["dimension"] == len(derived["embedding"]) and derived["bridge_track_ids"]
+    assert daemon.call("embed_text", text="x", model="latent")["error"]["code"] == "unsupported"  # the op keeps refusing
 
 
 async def test_every_op_is_reachable_under_v1(batch_run, daemon, library):
@@ -352,6 +356,7 @@ async def test_every_op_is_reachable_under_v1(batch_run, daemon, library):
         "batch_watch": {},
         "batch_start": {"models": ["nope"]},  # routed to the op, which refuses the model: no job starts
         "drop_legacy": {},  # a dry run: says what it would drop
+        "recommend": {"seeds": [{"track_id": seed}], "models": ["muq", "latent"], "limit": 2},
     }
     for op in OP_SCHEMAS:  # every op is reachable; those with something to act on answer 200
         status, result = await post(daemon.url + f"/v1/{op}", bodies.get(op, {}))
