@@ -56,6 +56,7 @@ __all__ = [
     "SettingsInvalid",
     "add_settings_arguments",
     "build_settings",
+    "check_device",
     "default_socket_path",
     "env_names",
     "source_field",
@@ -589,8 +590,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             default = ",".join(map(str, default)) or "none"
         elif isinstance(default, dict):
             default = ",".join(f"{k}={v}" for k, v in default.items()) or "none"
+        elif default is None:
+            default = "none"
         elif field == "socket_mode":
-            default = oct(default)
+            default = f"{default:04o}"  # as chmod and the docs write it: 0660, not 0o660
         help_text = f"{info.description} [env: {', '.join(envs)}; default: {default}]"
         if info.annotation is bool:
             parser.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -609,6 +612,37 @@ def _flag_order() -> list[str]:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     cli = {field: getattr(args, field, None) for field in Settings.model_fields}
     return build_settings(cli, getattr(args, "config", None))
+
+
+def check_device(settings: Settings) -> None:
+    """Refuse ``device = cuda`` / ``cuda:N`` that this host cannot run, before the daemon starts.
+
+    Only an explicit CUDA device costs the torch import here (``auto`` and
+    ``cpu`` never fail this way); without the check the daemon would start and
+    every model request would fail. Raises :class:`SettingsInvalid` with one line.
+    """
+    device = settings.device
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if index < count:
+            return
+        have = ", ".join(f"cuda:{i}" for i in range(count))
+        reason = f"this host has {count} CUDA GPU{'s' if count != 1 else ''} ({have})"
+    elif torch.version.cuda is None:
+        reason = f"this torch build ({torch.__version__}) has no CUDA support"
+    else:
+        try:  # is_available() only says no; initialising says why (it fails: nothing is set up)
+            torch.cuda.init()
+            why = "torch sees none"
+        except Exception as exc:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+        reason = f"no usable CUDA GPU ({why})"
+    raise SettingsInvalid(f"invalid setting {_field_names('device')}: {reason}; use auto or cpu (got {device!r})")
 
 
 def fail(message: str) -> None:
