@@ -333,6 +333,18 @@ def test_invalid_setting_lines_are_what_serve_prints(tmp_path):
     assert result.stderr.strip().replace(str(toml), "/etc/embedd/embedd.toml") in documented
 
 
+def test_a_cuda_device_this_host_cannot_use_is_refused_before_serving(tmp_path):
+    """Like any bad setting: one line, exit status 2, no socket (cuda:64 exists on no host)."""
+    sock = Path(short_tmpdir("docs-")) / "s.sock"
+    result = _embedd("serve", "--socket", str(sock), "--data-dir", str(tmp_path), "--device", "cuda:64", timeout=120)
+    line = result.stderr.strip()
+    assert result.returncode == 2 and len(line.splitlines()) == 1, result.stderr
+    assert line.startswith("embedd: invalid setting --device / EMBEDD_DEVICE: ")
+    assert line.endswith("; use auto or cpu (got 'cuda:64')") and not sock.exists()
+    if "Found no NVIDIA driver" in line:  # the documented host: no GPU at all
+        assert line.replace("'cuda:64'", "'cuda'") in _doc_lines(OPERATIONS)
+
+
 def test_unreachable_socket_messages(tmp_path):
     documented = _doc_lines(OPERATIONS)
     missing = "/run/embedd/embedd.sock"

@@ -34,6 +34,14 @@ def test_defaults_follow_the_brief():
     assert s.resolved_milvus_uri == str(s.data_dir / "milvus.db")
 
 
+def test_help_writes_the_defaults_as_the_docs_do():
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    assert "default: 0660]" in help_text and "0o" not in help_text
+    assert "default: None" not in help_text and "LOG_DIR; default: none]" in help_text
+
+
 def test_precedence_cli_over_env_over_file_over_default(tmp_path, monkeypatch):
     config = tmp_path / "embedd.toml"
     config.write_text('idle_unload_s = 10\nbatch_size = 3\nmax_connections = 7\ndevice = "cpu"\n')
