@@ -159,6 +159,8 @@ def _print_status(r: dict) -> None:
         )
         text = ", text" if m["text"] else ""
         print(f"  {name:<7} {state:<22} dim {m['dim']:<6} -> {m['collection']}{text}")
+        if m.get("error"):  # the last load attempt failed (the docs promise it here)
+            print(f"          error: {m['error']}")
     batch = r.get("batch")
     if batch and batch.get("job_id"):
         print("batch: " + render_progress(batch))

@@ -121,3 +121,20 @@ def test_socat_debug_script(cli_daemon):
                        capture_output=True, text=True, timeout=120, env=env)
     answer = json.loads(r.stdout)
     assert answer["ok"] and "float32" in answer["result"]["models"]["latent"]["vector"]
+
+
+def test_a_model_that_cannot_be_loaded_names_its_setting_and_shows_under_status(sock_dir):
+    d = Daemon(sock_dir, args=["--muq-model", str(sock_dir / "no-such-weights")])
+    d.start()
+    try:
+        r = run(d, "text", "calm piano")
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        message = r.stderr.strip()
+        assert message.startswith(f"embedd: unavailable: model 'muq' could not be loaded from '{sock_dir / 'no-such-weights'}'")
+        assert "point EMBEDD_MUQ_MODEL (--muq-model) at " in message and "docs/operations.md §3 Model weights" in message
+        lines = run(d, "status").stdout.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith("  muq "))
+        assert lines[at + 1].strip().startswith("error: model 'muq' could not be loaded from "), lines
+        assert "EMBEDD_MUQ_MODEL" in lines[at + 1]
+    finally:
+        d.stop()

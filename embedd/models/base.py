@@ -75,7 +75,11 @@ class EmbeddingModel(abc.ABC):
         return self._loaded
 
     def load(self) -> None:
-        """Load the weights if they are not loaded; ``unavailable`` on failure."""
+        """Load the weights if they are not loaded; ``unavailable`` on failure.
+
+        The message gives the loader's reason, the setting that says where the
+        weights are, and the docs section on getting them.
+        """
         if self._loaded:
             return
         try:
@@ -83,11 +87,15 @@ class EmbeddingModel(abc.ABC):
         except EmbeddError:
             raise
         except Exception as exc:  # the loader's own reason goes to the client, as one line
-            reason = (str(exc).strip().splitlines() or [""])[0]
+            from embedd.settings import env_names, source_field  # the settings layer names the knob
+
+            field = source_field(self.name)
+            reason = (str(exc).strip().splitlines() or [""])[0].rstrip(".")
             raise EmbeddError(
                 Code.UNAVAILABLE,
                 f"model {self.name!r} could not be loaded from {self.spec.source!r}: "
-                f"{type(exc).__name__}: {reason}",
+                f"{type(exc).__name__}: {reason}; point {' / '.join(env_names(field))} (--{field.replace('_', '-')}) "
+                "at a local copy of the weights or a hub id in the hub cache (docs/operations.md §3 Model weights)",
             ) from exc
         self._loaded = True
 
