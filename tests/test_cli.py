@@ -138,3 +138,24 @@ def test_a_model_that_cannot_be_loaded_names_its_setting_and_shows_under_status(
         assert "EMBEDD_MUQ_MODEL" in lines[at + 1]
     finally:
         d.stop()
+
+
+def test_socat_debug_script_refuses_what_it_cannot_send_in_one_line(tmp_path):
+    """Bad JSON, a $file that is not there, a frame over the limit: one line each, nothing sent, no traceback."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * 4096)
+    env = {**os.environ, "EMBEDD_PYTHON": sys.executable, "EMBEDD_MAX_FRAME": "2048"}
+    cases = {
+        '{"op": "ping",}': "embedd.frame: request 1 is not valid JSON: ",
+        json.dumps({"op": "embed_file", "data": {"$file": str(tmp_path / "gone.mp3")}}):
+            f'embedd.frame: cannot read the file of {{"$file": "{tmp_path / "gone.mp3"}"}}: No such file or directory',
+        json.dumps({"op": "embed_file", "data": {"$file": str(big)}, "filename": "big.flac"}):
+            "embedd.frame: request 1 is 4",  # ... bytes, over the daemon's frame limit of 2048 bytes
+    }  # fmt: skip
+    for request, expected in cases.items():
+        # the socket does not exist: a request that got as far as socat would say so too
+        r = subprocess.run([str(REPO / "scripts" / "embedd-debug"), "-s", str(tmp_path / "none.sock"), request],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 2 and r.stdout == "", r
+        assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(expected), r.stderr
+    assert "over the daemon's frame limit of 2048 bytes (max_frame, EMBEDD_MAX_FRAME)" in r.stderr
