@@ -68,6 +68,41 @@ def _configure_logging(level: str, log_dir: Path | None) -> None:
 
     for noisy in ("pymilvus", "pymilvus.milvus_client", "grpc"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    # muq 0.1.0 loads its text tower with XLMRobertaModel.from_pretrained(trust_remote_code=True);
+    # transformers warns at every MuQ-MuLan load that the flag has no effect there. Only that
+    # notice is dropped: the same logger's other warnings (missing weights...) still count.
+    logging.getLogger("transformers.modeling_utils").addFilter(_not_the_trust_remote_code_notice)
+    # The daemon writes nothing to stdout; libraries do (huggingface_hub prints "Loading
+    # weights from local directory" at every MuQ-MuLan load). Their lines go to the log at
+    # DEBUG instead of the journal; process-wide, as swapping stdout around one call from
+    # the model threads would not be thread-safe.
+    sys.stdout = _LogStream(logging.getLogger("embedd.stdout"), logging.DEBUG)
+
+
+def _not_the_trust_remote_code_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("The argument `trust_remote_code` is to be used with Auto classes")
+
+
+class _LogStream:
+    """A text stream whose lines become log records (the serving daemon's ``sys.stdout``)."""
+
+    encoding = "utf-8"
+
+    def __init__(self, logger: logging.Logger, level: int) -> None:
+        self._logger = logger
+        self._level = level
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self._logger.log(self._level, "%s", line.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -91,6 +126,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Shutdown is complete: the job is checkpointed, the socket removed. Exit now
     # rather than let the interpreter join threads still inside torch or a Milvus
     # call (a forward pass cut short at finalisation aborts the process).
+    # os._exit skips the interpreter's exit hooks, multiprocessing's among them: the
+    # decoder pool's named semaphores (its queues' locks) would stay registered, and
+    # multiprocessing's resource tracker would unlink them and warn "There appear to be
+    # 5 leaked semaphore objects" at every stop. Run the finalizers that hook runs first.
+    import multiprocessing.util
+
+    multiprocessing.util._run_finalizers(0)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
