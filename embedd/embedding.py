@@ -6,6 +6,13 @@ with other tracks' jobs into forward batches), and give the decoded audio back
 to the decoder's budget as soon as the last model is done with it, so that the
 next track's audio can come in. What differs stays with the caller, passed in as
 ``embed``: the lane, and for the batch the backpressure on its share of it.
+
+Audio that a model maps to no direction -- the enrichment's all-zero vector
+(:mod:`embedd.models.enrich`), e.g. digital silence through a model that sends it
+to the origin -- is that model's ``unsupported`` error for the track, the same for
+every model: cosine similarity is undefined on a zero vector, so none is stored
+or returned. Checked here, per track, after the forward pass: raising inside
+the shared pass would fail every track coalesced with it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Literal, overload
 import numpy as np
 
 from embedd.audio import DecodedAudio, Target
+from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding
 
@@ -56,10 +64,20 @@ async def embed_decoded(
 
     async def one(model: str) -> AudioEmbedding:
         info = CATALOG[model]
-        return await embed(model, audio.waveform(info.sample_rate, info.channels))
+        return _with_direction(model, await embed(model, audio.waveform(info.sample_rate, info.channels)))
 
     try:
         outcomes = await asyncio.gather(*(one(m) for m in models), return_exceptions=return_exceptions)
     finally:
         audio.release()  # the waveforms are done with: let the next track's audio in
     return dict(zip(models, outcomes, strict=True))
+
+
+def _with_direction(model: str, embedding: AudioEmbedding) -> AudioEmbedding:
+    if not np.any(embedding.vector):
+        raise EmbeddError(
+            Code.UNSUPPORTED,
+            f"model {model!r} gives this audio an all-zero embedding (digital silence?), which has no "
+            "direction for cosine similarity; no vector is returned or stored",
+        )
+    return embedding

@@ -78,3 +78,19 @@ async def test_a_cancelled_track_releases_its_audio():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert released == [1]
+
+
+async def test_an_all_zero_embedding_is_that_models_unsupported_error_not_a_vector():
+    """No direction, no vector: the same rule for every model, the track's other models kept."""
+
+    async def embed(model: str, wave: np.ndarray) -> AudioEmbedding:
+        return AudioEmbedding(np.zeros(4, np.float32) if model == "mert" else np.full(4, 0.5, np.float32), windows=2)
+
+    released: list[int] = []
+    out = await embed_decoded(_track(released), ["muq", "mert"], embed, return_exceptions=True)
+    assert isinstance(out["muq"], AudioEmbedding)
+    assert isinstance(out["mert"], EmbeddError) and out["mert"].code is Code.UNSUPPORTED
+    assert out["mert"].message.startswith("model 'mert' gives this audio an all-zero embedding")
+    with pytest.raises(EmbeddError, match="all-zero"):
+        await embed_decoded(_track(released), ["mert"], embed)
+    assert released == [1, 1]

@@ -121,16 +121,19 @@ def test_mixed_corpus_with_real_size_latent_stays_within_the_memory_bound(real_m
         loaded_kb = _status_kb(d.proc.pid, "VmRSS")
         longest = 0.0
         for name, path in good.items():
+            if name == "silence":  # a model that maps digital silence to the origin gives no vector, by contract
+                for model in models:
+                    r = d.call("embed_file", path=str(path), models=[model], timeout=1500)
+                    if r["ok"]:
+                        _unit(r["result"], [model], name)
+                    else:
+                        assert r["error"]["code"] == "unsupported" and repr(model) in r["error"]["message"], r
+                _check_bound(d, loaded_kb, name, longest)
+                continue
             result = _embed(d, path, models)
             longest = max(longest, result["duration_s"])
             _check_bound(d, loaded_kb, name, longest)
-            if name == "silence":  # digital silence may map to the origin: all zeros, by contract
-                for model in models:
-                    v = _vector(result, model)
-                    norm = float(np.linalg.norm(v))
-                    assert np.isfinite(v).all() and (norm == 0.0 or abs(norm - 1.0) < 1e-3), (model, norm)
-            else:
-                _unit(result, models, name)
+            _unit(result, models, name)
         for name, path in broken.items():
             r = d.call("embed_file", path=str(path), models=models, timeout=300)
             if name == "truncated.flac":  # the audio before the cut

@@ -5,9 +5,10 @@ concatenation of three per-dimension statistics of the window embeddings
 ``[D, T]`` over ``T``:
 
 - the mean (what the track sounds like on average),
-- a robust spread, ``IQR / 1.34898`` (how much it varies; the IQR of a normal
-  distribution is 1.34898 sigma, so this estimates sigma without letting one odd
-  window dominate),
+- a robust spread, ``IQR / 1.3489795003921634`` (how much it varies; the IQR of
+  a normal distribution is 1.3489795... sigma, so this estimates sigma without
+  letting one odd window dominate; the constant to full double precision, as
+  the original system divides by it),
 - the mean first difference (where it drifts from start to end),
 
 L2-normalised as a whole, so ``3 * D`` values.
@@ -22,8 +23,12 @@ Edge cases, defined here once:
   the drift are 0 -- one observation has no spread and no change -- so the
   vector is ``[mean / |mean|, 0, 0]``.
 - A vector whose statistics are all zero (digital silence through a model that
-  maps it to the origin) stays all zero instead of dividing by zero; cosine
-  search ranks it nowhere, which is the honest answer.
+  maps it to the origin, as MERT's architecture does with zero biases) has no
+  direction: it stays all zero instead of dividing by zero, and means "no
+  vector". Cosine similarity is undefined on it, so it is never stored or
+  returned: :func:`embedd.embedding.embed_decoded` makes it that model's
+  ``unsupported`` error for the track, the same for every model (checked per
+  track there, since one forward pass serves several tracks).
 - Quantiles use linear interpolation between order statistics, which is
   numpy's default (``np.percentile(..., method="linear")``) and torch's
   default; we compute them from one sort instead of ``torch.quantile`` because
@@ -38,7 +43,7 @@ import torch
 
 __all__ = ["IQR_TO_SIGMA", "enrich", "enrich_stats"]
 
-IQR_TO_SIGMA = 1.34898  # IQR of the standard normal distribution
+IQR_TO_SIGMA = 1.3489795003921634  # IQR of the standard normal distribution (2 * 0.6744897501960817)
 _EPS = 1e-12
 
 
