@@ -177,14 +177,16 @@ def render_progress(p: dict) -> str:
     width = 30
     filled = int(width * (p.get("progress_percent") or 0) / 100)
     bar = "#" * filled + "-" * (width - filled)
-    rate = p.get("rate_tracks_per_s")
-    eta = p.get("estimated_completion")
-    eta_s = _duration(eta - time.time()) if eta else "?"
     line = (
         f"[{bar}] {p.get('progress_percent', 0):5.1f}% {done}/{total} "
         f"failed {p.get('failed_tracks', 0)} skipped {p.get('skipped_tracks', 0)} "
-        f"{(rate or 0):.2f} tracks/s ETA {eta_s} {p.get('status')}"
     )
+    if p.get("status") == "running":  # a rate and an ETA only while tracks are being worked on
+        rate = p.get("rate_tracks_per_s")
+        eta = p.get("estimated_completion")
+        line += f"{rate:.2f} tracks/s " if rate is not None else "? tracks/s "
+        line += f"ETA {_duration(eta - time.time()) if eta else '?'} "
+    line += str(p.get("status"))
     if p.get("current_track"):
         line += f" | {p['current_track']}"
     return line
@@ -274,8 +276,14 @@ def _print_embed(r: dict) -> None:
         print(f"  {name:<7} dim {m['dim']:<6} windows {m['windows']:<4} vector {_fmt_vector(m['vector'])}")
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _print_failures(r: dict) -> None:
-    print(f"{r['total']} failure(s)")
+    # The progress counts failed tracks; a track fails once per model it failed for.
+    tracks = r.get("tracks", r["total"])
+    print(f"{_plural(tracks, 'failed track')}, {_plural(r['total'], 'failure')} (one per track and model)")
     for f in r["failures"]:
         print(f"  {f['code']:<13} {f['model']:<7} {f['path'] or f['track_id']}: {f['message']}")
 
@@ -341,11 +349,38 @@ def _final_exit_code(progress: dict) -> int:
     return 0 if progress.get("status") in _FINISHED_STATUSES else 1
 
 
+class _Following:
+    """The job ``--follow`` / ``watch`` is drawing, for what Ctrl-C says."""
+
+    def __init__(self) -> None:
+        self.job_id: str | None = None
+        self.active = False
+        self.redrawing = False  # a progress line is on the terminal without its newline
+
+
+_following = _Following()
+
+
+def _stopped_following() -> None:
+    """Ctrl-C while following: the job is the daemon's and goes on; say how to get back to it."""
+    if _following.redrawing:
+        print(flush=True)
+    job = f"batch job {_following.job_id}" if _following.job_id else "the batch job, if it started,"
+    print(
+        f"embedd: stopped following; {job} goes on in the daemon: 'embedd batch watch' follows it again, "
+        "'embedd batch cancel' stops it",
+        file=sys.stderr,
+    )
+
+
 async def _follow(client: Client, as_json: bool) -> dict:
     last: dict = {}
     tty = sys.stdout.isatty() and not as_json
+    _following.active = True
     async for progress in client.stream("batch_watch"):
         last = progress
+        _following.job_id = progress.get("job_id") or _following.job_id
+        _following.redrawing = tty
         if as_json:
             print(json.dumps(progress), flush=True)
         elif tty:
@@ -354,6 +389,7 @@ async def _follow(client: Client, as_json: bool) -> dict:
             print(render_progress(progress), flush=True)
     if tty:
         print()
+    _following.active = _following.redrawing = False
     return last
 
 
@@ -365,7 +401,9 @@ async def _run_batch(client: Client, args: argparse.Namespace, out: Callable) ->
             call_args["models"] = args.models
         if args.shard:
             call_args["shard"] = args.shard
+        _following.active = args.follow  # from the request on: a Ctrl-C may leave a job started
         r = await client.call("batch_start", **call_args)
+        _following.job_id = r["job_id"]
         out(r, lambda r: print(f"started job {r['job_id']} over {r['total_tracks']} tracks"))
         if args.follow:
             final = await _follow(client, args.json)
@@ -492,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embedd: {exc.code.value}: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if _following.active:
+            _stopped_following()
         return 130
 
 

@@ -144,7 +144,7 @@ def test_absolute_layout_shards_and_one_model_at_a_time(root: Path, models):
         for op in ("batch_cancel", "batch_pause", "batch_resume"):
             r = d.call(op)
             assert not r["ok"] and r["error"]["code"] == "not_found", (op, r)
-        assert d.ok("batch_failures") == {"total": 0, "failures": []}
+        assert d.ok("batch_failures") == {"total": 0, "tracks": 0, "failures": []}
         bad = d.call("batch_start", shard="2/2")
         assert not bad["ok"] and bad["error"]["code"] == "bad_request"
 

@@ -147,6 +147,30 @@ def test_failures_paging(store):
         assert e.value.code is Code.BAD_REQUEST and next(iter(bad)) in e.value.message
 
 
+def test_a_running_jobs_failures_include_those_waiting_for_the_checkpoint(store):
+    """batch_failures while the job runs: recorded ones first, then buffered ones; pairs and tracks counted."""
+    job = store.create_job(models=["muq", "mert"])
+    cp = Checkpointer(store, job.job_id, every=1000)
+
+    def fail(track: str, model: str) -> Failure:
+        return Failure(track, model, "decode_error", f"{track} is broken.", f"/m/{track}")
+
+    cp.add("a", "failed", failures=[fail("a", "muq"), fail("a", "mert")])
+    page = cp.failure_page()
+    assert (page.total, page.tracks, page.failures) == (2, 1, [fail("a", "muq"), fail("a", "mert")])
+    cp.flush()
+    cp.add("b", "failed", failures=[fail("b", "muq")])
+    cp.add("a", "failed", failures=[fail("a", "muq")])  # again (a resumed job): counted once
+    page = cp.failure_page()
+    assert (page.total, page.tracks) == (3, 2)
+    assert page.failures == [fail("a", "muq"), fail("a", "mert"), fail("b", "muq")]
+    assert cp.failure_page(limit=2, offset=1).failures == [fail("a", "mert"), fail("b", "muq")]
+    assert cp.failure_page(limit=5, offset=3).failures == []
+    assert page.to_wire()["tracks"] == 2 and page.to_wire()["total"] == 3
+    cp.flush()
+    assert store.failures(job.job_id) == (3, page.failures)  # the same, now recorded
+
+
 def test_failure_from_error():
     f = Failure.from_error("t1", "muq", "/m/a.wav", EmbeddError(Code.TOO_LARGE, "a.wav is 3 h long."))
     assert (f.code, f.message, f.path) == ("too_large", "a.wav is 3 h long.", "/m/a.wav")

@@ -216,9 +216,13 @@ class BatchManager:
         jobs = self._require_jobs()
         job = self.progress.job
         if job is None:
-            return {"total": 0, "failures": []}
-        total, failures = await asyncio.to_thread(jobs.failures, job.job_id, args.limit, args.offset)
-        return {"total": total, "failures": [f.to_wire() for f in failures]}
+            return {"total": 0, "tracks": 0, "failures": []}
+        run = self._run
+        if run is not None and run.job.job_id == job.job_id:  # with those waiting for the next checkpoint
+            page = await asyncio.to_thread(run.checkpoints.failure_page, args.limit, args.offset)
+        else:
+            page = await asyncio.to_thread(jobs.failure_page, job.job_id, args.limit, args.offset)
+        return page.to_wire()
 
     # ---- internals
     def _launch(self, job: Job, suspects: set[str] | None = None) -> None:

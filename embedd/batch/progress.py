@@ -8,7 +8,14 @@ wakes the watchers, so ``batch_watch`` waits on an event, never on a timer.
 Progress rate and ETA come from a sliding window over the last
 ``RATE_WINDOW_S`` seconds of tracks that needed work (processed or failed), not
 from the job's start, so a slow start or a run of skipped tracks does not skew
-them. The ETA assumes every remaining track needs work.
+them. The window opens when the run starts (or resumes), with nothing done:
+tracks finish in bursts (one forward pass covers several), so two finishing
+together measure nothing, while the time since the run began does. The ETA
+assumes every remaining track needs work.
+
+Outcomes buffered for the next checkpoint count for as long as the run is under
+way, whatever the status says: a cancel or pause that is flushing its last
+tracks shows the same counts as the moment before, not the last checkpoint's.
 """
 
 from __future__ import annotations
@@ -48,8 +55,8 @@ class Progress:
         self.pass_seen = 0  # tracks this pass has dealt with (for multi-pass percent)
         self.waiting: str | None = None  # why the job is stalled (Milvus), for the STATUS line
         self.rekeyed = 0  # tracks whose vectors moved to a new id in this job (no model run)
-        self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._worked = 0
+        self._window: collections.deque[tuple[float, int]] = collections.deque([(time.monotonic(), 0)])
 
     # ---- the run reports
     def worked(self, n: int = 1) -> None:
@@ -70,7 +77,9 @@ class Progress:
         return (n1 - n0) / span
 
     def reset_rate(self) -> None:
+        """The run resumes: measure from now (the paused time is no part of the rate)."""
         self._window.clear()
+        self._window.append((time.monotonic(), self._worked))
 
     def bump(self) -> None:
         """Something changed: wake every watcher."""
@@ -89,7 +98,7 @@ class Progress:
                 "rekeyed_tracks": 0,
             }  # fmt: skip
         running = job.status is JobStatus.RUNNING and self.running
-        pending = self.pending if running else _NO_PENDING
+        pending = self.pending if self.running else _NO_PENDING
         processed = job.processed_tracks + pending[Outcome.PROCESSED]
         failed = job.failed_tracks + pending[Outcome.FAILED]
         skipped = job.skipped_tracks + pending[Outcome.SKIPPED]

@@ -46,6 +46,7 @@ __all__ = [
     "FINAL_STATUSES",
     "Checkpointer",
     "Failure",
+    "FailurePage",
     "Job",
     "JobStatus",
     "JobStore",
@@ -111,6 +112,18 @@ class Failure:
 
     def to_wire(self) -> dict[str, str]:
         return {"track_id": self.track_id, "path": self.path, "model": self.model, "code": self.code, "message": self.message}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FailurePage:
+    """``batch_failures``: one page of failed (track, model) pairs, ``total`` of them over ``tracks`` tracks."""
+
+    total: int
+    tracks: int
+    failures: list[Failure]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"total": self.total, "tracks": self.tracks, "failures": [f.to_wire() for f in self.failures]}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -620,18 +633,55 @@ class JobStore:
 
     def failures(self, job_id: str, limit: int = 100, offset: int = 0) -> tuple[int, list[Failure]]:
         """``batch_failures``: the total and one page, in the order they happened."""
+        page = self.failure_page(job_id, limit, offset)
+        return page.total, page.failures
+
+    def failure_page(
+        self, job_id: str, limit: int = 100, offset: int = 0, pending: Sequence[Failure] = ()
+    ) -> FailurePage:
+        """One page of the job's failures: those recorded, then ``pending`` ones not recorded yet.
+
+        ``pending`` are a running job's failures that wait for its next checkpoint
+        (:meth:`Checkpointer.failure_page`); a (track, model) pair already recorded
+        (a resumed job's track failing again) is not counted twice.
+        """
         if limit < 0:
             raise EmbeddError(Code.BAD_REQUEST, f"argument 'limit' must not be negative, got {limit}.")
         if offset < 0:
             raise EmbeddError(Code.BAD_REQUEST, f"argument 'offset' must not be negative, got {offset}.")
         with self._lock:
             seq = self._seq(job_id)
-            total = self._conn.execute("SELECT count(*) FROM job_failure WHERE job_seq = ?", (seq,)).fetchone()[0]
+            total, tracks = self._conn.execute(
+                "SELECT count(*), count(DISTINCT track_id) FROM job_failure WHERE job_seq = ?", (seq,)
+            ).fetchone()
             rows = self._conn.execute(
                 "SELECT track_id, model, code, message, path FROM job_failure WHERE job_seq = ? ORDER BY id LIMIT ? OFFSET ?",
                 (seq, limit, offset),
             ).fetchall()
-        return total, [Failure(*r) for r in rows]
+            recorded: set[tuple[str, str]] = set()
+            ids = sorted({f.track_id for f in pending})
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                recorded.update(
+                    self._conn.execute(
+                        f"SELECT track_id, model FROM job_failure WHERE job_seq = ? AND track_id IN ({','.join('?' * len(chunk))})",
+                        (seq, *chunk),
+                    ).fetchall()
+                )
+        extra: dict[tuple[str, str], Failure] = {}
+        for f in pending:
+            if (f.track_id, f.model) not in recorded:
+                extra.setdefault((f.track_id, f.model), f)
+        more = list(extra.values())
+        recorded_tracks = {t for t, _ in recorded}
+        page = [Failure(*r) for r in rows]
+        start = max(0, offset - total)
+        page += more[start : start + max(0, limit - len(page))]
+        return FailurePage(
+            total=total + len(more),
+            tracks=tracks + len({f.track_id for f in more} - recorded_tracks),
+            failures=page,
+        )
 
 
 def _statements(script: str) -> list[str]:
@@ -670,6 +720,8 @@ class Checkpointer:
         self._failures: list[Failure] = []
         self._finished: list[tuple[str, Outcome]] = []
         self._tracks = 0  # tracks added since the last flush, with or without an outcome
+        # Held for a whole flush, so that failure_page never sees a failure both buffered and written.
+        self._flushing = threading.Lock()
         #: Outcomes buffered and not yet written, per outcome (what progress adds to the durable counters).
         self.pending_outcomes: dict[Outcome, int] = {o: 0 for o in Outcome}
 
@@ -698,6 +750,17 @@ class Checkpointer:
 
     def flush(self) -> Job | None:
         """Write what is buffered (blocking); None when there was nothing."""
+        with self._flushing:
+            return self._flush()
+
+    def failure_page(self, limit: int = 100, offset: int = 0) -> FailurePage:
+        """``batch_failures`` while the job runs (blocking): the recorded failures, then the buffered ones."""
+        with self._flushing:
+            with self._lock:
+                pending = list(self._failures)
+            return self.store.failure_page(self.job_id, limit, offset, pending)
+
+    def _flush(self) -> Job | None:
         with self._lock:
             done, failures, finished = self._done, self._failures, self._finished
             self._done, self._failures, self._finished = [], [], []

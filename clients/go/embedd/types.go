@@ -207,7 +207,8 @@ type Failure struct {
 
 // BatchFailuresResult is the answer to batch_failures.
 type BatchFailuresResult struct {
-	Total    int       `msgpack:"total"`
+	Total    int       `msgpack:"total"`  // failed (track, model) pairs
+	Tracks   int       `msgpack:"tracks"` // distinct tracks among them (the progress's failed_tracks)
 	Failures []Failure `msgpack:"failures"`
 }
 
