@@ -249,3 +249,20 @@ def test_precedence_is_flag_then_environment_then_file_then_default(flag, own, l
         f"http://flag:{flag}" if flag is not None else f"http://own:{own}" if own is not None else legacy or f"http://file:{in_file}"
     )
     assert s.milvus_uri == expected_uri
+
+
+def test_check_device_refuses_a_gpu_index_torch_does_not_have(monkeypatch):
+    """On a host with one GPU, cuda:0 is accepted and cuda:1 refused, naming what there is."""
+    import torch
+
+    from embedd.settings import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device(build_settings({"device": "cuda:0"}))
+    check_device(build_settings({"device": "cpu"}))
+    with pytest.raises(SettingsInvalid) as err:
+        check_device(build_settings({"device": "cuda:1"}))
+    assert str(err.value) == (
+        "invalid setting --device / EMBEDD_DEVICE: this host has 1 CUDA GPU (cuda:0); use auto or cpu (got 'cuda:1')"
+    )
