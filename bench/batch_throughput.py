@@ -101,7 +101,7 @@ async def _part1(root: Path, lib: Library, models: dict[str, str], rows: int, de
         async def embed_one(a, model: str):
             info = CATALOG[model]
             async with permits:
-                return await service.executor.embed_audio(Lane.BATCH, model, a.waveform(info.sample_rate, info.channels))
+                return await service.executor.embed_audio(Lane.BATCH, model, a.waveform(*info.decode_target))
 
         async def embed_track(a):
             await asyncio.gather(*(embed_one(a, m) for m in selected))

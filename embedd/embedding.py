@@ -35,8 +35,11 @@ EmbedAudio = Callable[[str, np.ndarray], Awaitable[AudioEmbedding]]
 
 
 def decode_targets(models: Iterable[str]) -> set[Target]:
-    """The ``(sample_rate, channels)`` each model wants; models that agree share one waveform."""
-    return {(CATALOG[m].sample_rate, CATALOG[m].channels) for m in models}
+    """The ``(sample_rate, channels)`` each model wants; models that agree share one waveform.
+
+    A ``native_rate`` model (Music2Latent) takes the file's own rate (rate 0, no resampling).
+    """
+    return {CATALOG[m].decode_target for m in models}
 
 
 @overload
@@ -64,7 +67,7 @@ async def embed_decoded(
 
     async def one(model: str) -> AudioEmbedding:
         info = CATALOG[model]
-        return _with_direction(model, await embed(model, audio.waveform(info.sample_rate, info.channels)))
+        return _with_direction(model, await embed(model, audio.waveform(*info.decode_target)))
 
     try:
         outcomes = await asyncio.gather(*(one(m) for m in models), return_exceptions=return_exceptions)

@@ -17,13 +17,14 @@ from embedd.models.base import AudioEmbedding
 def _track(released: list[int]) -> DecodedAudio:
     waves = {
         (24_000, 1): np.zeros((1, 24_000), np.float32),
-        (44_100, 2): np.zeros((2, 44_100), np.float32),
+        (0, 2): np.zeros((2, 44_100), np.float32),  # Music2Latent: the file's own rate (issue 23)
     }
     return DecodedAudio(1.0, waves, 44_100, 2, lambda: released.append(1))
 
 
 def test_models_that_want_the_same_waveform_share_one_decode_target():
-    assert decode_targets(["muq", "mert", "latent"]) == {(24_000, 1), (44_100, 2)}
+    # Music2Latent takes the file's samples at the file's own rate (rate 0), as the original did
+    assert decode_targets(["muq", "mert", "latent"]) == {(24_000, 1), (0, 2)}
     assert decode_targets(["mert"]) == {(CATALOG["mert"].sample_rate, CATALOG["mert"].channels)}
 
 

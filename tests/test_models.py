@@ -104,7 +104,7 @@ def numpy_enrich(x: np.ndarray) -> np.ndarray:
         drift = np.zeros_like(mean)
     else:
         q75, q25 = np.percentile(x, [75, 25], axis=1)  # numpy's default 'linear' method
-        sigma = (q75 - q25) / 1.34898
+        sigma = (q75 - q25) / 1.3489795003921634  # the original's constant (issue 23)
         drift = np.diff(x, axis=1).mean(axis=1)
     v = np.concatenate([mean, sigma, drift])
     return v / np.linalg.norm(v)
@@ -334,15 +334,20 @@ def test_run_batched_halves_down_to_one_then_gives_up() -> None:
 
 # -- muq ----------------------------------------------------------------------------------
 def test_muq_clip_reuse_equals_naive_per_window(muq: EmbeddingModel) -> None:
-    """Each distinct clip once, windows from clip latents == MuQMuLan on every window."""
+    """Each distinct clip once, windows from clip latents == MuQMuLan on every window.
+
+    The windows are the original system's (issue 23, tests/test_parity.py): a short track padded
+    with digital silence to one 120 s window, the last window of a long one aligned to its end.
+    """
     sr = muq.info.sample_rate
-    # 3 s: one short window (wrapped clip shorter than 10 s); 47.5 s: one window with a partial
-    # clip; 143.7 s: three overlapping windows, the last one partial and on the hop grid
+    # 3 s and 47.5 s: one window each, padded with silence to 120 s; 143.7 s: two windows on
+    # the grid (0, 15 s) and one aligned to the end (23.7 s)
     tracks = [signal(3.0, sr, seed=6), signal(47.5, sr, seed=7), signal(143.7, sr, seed=8)]
     ours = muq.window_latents(tracks)  # type: ignore[attr-defined]
     mulan = muq._model  # type: ignore[attr-defined]
     for track, lat in zip(tracks, ours):
-        spans = window_spans(track.shape[1], 120 * sr, 15 * sr, align_last_to_end=False)
+        track = np.pad(track, ((0, 0), (0, max(0, 120 * sr - track.shape[1]))))
+        spans = window_spans(track.shape[1], 120 * sr, 15 * sr, align_last_to_end=True)
         assert lat.shape == (muq.dim // 3, len(spans))
         with torch.inference_mode():
             naive = torch.stack(
@@ -351,6 +356,18 @@ def test_muq_clip_reuse_equals_naive_per_window(muq: EmbeddingModel) -> None:
         torch.testing.assert_close(lat, naive, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(enrich(lat), enrich(naive), **TOL)
     assert [lat.shape[1] for lat in ours] == [1, 1, 3]
+
+
+def test_muq_embeds_the_padding_once_per_call(muq: EmbeddingModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clips wholly in the padding are the same zeros in every short track: one forward pass for all."""
+    sr = muq.info.sample_rate
+    clips: list[int] = []
+    real_forward = muq._forward  # type: ignore[attr-defined]
+    monkeypatch.setattr(muq, "_forward", lambda items: (clips.append(len(items)), real_forward(items))[1])
+    # 3 s and 25 s: 1 and 3 clips of their own, the other 11 and 9 clips silence
+    embs = muq.embed_audio_many([signal(3.0, sr, seed=1), signal(25.0, sr, seed=2)])
+    assert [e.windows for e in embs] == [1, 1]
+    assert sum(clips) == 1 + 3 + 1
 
 
 def test_muq_computes_each_distinct_clip_once(muq: EmbeddingModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -428,6 +445,8 @@ def test_mert_window_is_time_mean_of_every_hidden_state(mert: EmbeddingModel) ->
     sr = mert.info.sample_rate
     track = signal(41.0, sr, seed=11)
     [lat] = mert.window_latents([track])  # type: ignore[attr-defined]
+    [short] = mert.window_latents([signal(4.0, sr, seed=12)])  # type: ignore[attr-defined]
+    assert short.shape[1] == 1  # padded with silence to one 30 s window (the original's rule)
     spans = window_spans(track.shape[1], 30 * sr, 5 * sr, align_last_to_end=True)
     assert spans[-1] == (11 * sr, 41 * sr) and lat.shape[1] == len(spans) == 4
     model, extractor = mert._model, mert._extractor  # type: ignore[attr-defined]
@@ -468,10 +487,8 @@ def test_latent_matches_music2latent_encode_including_chunking(
 
     down = 8  # 2 ** freq_downsample_list.count(0)
     for track, lat, emb in zip(tracks, ours, embs):
-        # the package's encode with this track's near-equal chunk length
-        frames = ((track.shape[-1] - 3 * hop) // hop // down) * down
-        chunk = chunk_frames(frames, (sr * 2 // hop) // down * down, down)
-        want = encode_audio_inference(track, trainer, chunk * hop, 1, device="cpu")
+        # the package's encode with the same (2 s) chunk length: its chunks are the original's
+        want = encode_audio_inference(track, trainer, sr * 2, 1, device="cpu")
         # oneDNN's channels-last kernels sum in another order than the package's NCHW run:
         # rounding of ~1e-5 of the latents' norm (values up to ~15), so the tolerance scales
         assert float((lat - want).norm() / want.norm()) < 1e-4
@@ -479,23 +496,22 @@ def test_latent_matches_music2latent_encode_including_chunking(
         assert emb.windows == lat.shape[-1]
     c = latent.dim // 9
     assert ours[2].shape[:2] == (2, c)
-    # per frame: channel 0, channel 1, their magnitude
+    # per frame: the two channels interleaved per dimension, then their magnitude (the original's)
     lat = ours[2]
-    frames = torch.cat([lat[0], lat[1], torch.sqrt(lat[0] ** 2 + lat[1] ** 2)])
+    interleaved = torch.stack([lat[0], lat[1]], dim=1).reshape(2 * c, -1)
+    frames = torch.cat([interleaved, torch.sqrt(lat[0] ** 2 + lat[1] ** 2 + 1e-12)])
     np.testing.assert_allclose(embs[2].vector, enrich(frames), **TOL)
     # shorter than one latent frame: tiled, still embedded
     [tiny_track] = latent.track_latents([signal(0.05, sr, 2, 16)])  # type: ignore[attr-defined]
     assert tiny_track.shape == (2, c, 1)
 
 
-@pytest.mark.parametrize("frames", [8, 856, 864, 2560, 2568, 6848, 12000])
-def test_latent_chunks_are_near_equal_and_barely_padded(frames: int) -> None:
-    max_frames, down = 856, 8  # 10 s chunks of the real hop
+@pytest.mark.parametrize("frames", [8, 5168, 5176, 10336, 12000])
+def test_latent_chunks_are_the_packages(frames: int) -> None:
+    """Cut every 60 s of representation frames, as ``encode_audio_inference`` cuts (the original's)."""
+    max_frames, down = 5168, 8  # 60 s chunks of the real hop
     size = chunk_frames(frames, max_frames, down)
-    chunks = -(-frames // size)
-    assert size % down == 0 and size <= max_frames
-    assert chunks == -(-frames // max_frames)  # no more passes than cutting at max_frames
-    assert chunks * size - frames < chunks * down  # padding: under one latent frame per chunk
+    assert size == (frames if frames <= max_frames else max_frames)
 
 
 def test_latent_mono_is_duplicated(latent: EmbeddingModel) -> None:

@@ -23,7 +23,7 @@ import av
 import numpy as np
 import soxr
 
-from embedd.audio.track import Allocator, Target
+from embedd.audio.track import NATIVE_RATE, Allocator, Target
 from embedd.errors import Code, EmbeddError
 
 __all__ = ["Pipeline"]
@@ -164,7 +164,7 @@ class Pipeline:
                 self.in_rate, self.segment_samples = rate, 0
                 self.resamplers = {
                     r: None
-                    if r == rate
+                    if r in (rate, NATIVE_RATE)  # NATIVE_RATE: the file's samples as they are
                     else soxr.ResampleStream(rate, r, self._channels_at(r), dtype="float32", quality=_RESAMPLE_QUALITY)
                     for r in self.rates
                 }

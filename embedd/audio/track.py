@@ -12,9 +12,12 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_AUDIO_S", "Allocator", "DecodedAudio", "Target", "alloc_heap", "check_targets"]
+__all__ = ["DEFAULT_MAX_AUDIO_S", "NATIVE_RATE", "Allocator", "DecodedAudio", "Target", "alloc_heap", "check_targets"]
 
-Target = tuple[int, int]  # (sample_rate Hz, channels 1|2)
+Target = tuple[int, int]  # (sample_rate Hz, channels 1|2); rate NATIVE_RATE = the file's own rate
+
+#: The rate of a target that takes the file's samples as they are, at the file's own rate.
+NATIVE_RATE = 0
 
 DEFAULT_MAX_AUDIO_S = 30 * 60.0
 
@@ -66,8 +69,8 @@ def check_targets(targets: Iterable[Target]) -> frozenset[Target]:
     out = set()
     for t in targets:
         rate, channels = t
-        if not (isinstance(rate, int) and 1_000 <= rate <= 1_000_000) or channels not in (1, 2):
-            raise ValueError(f"bad decode target {t!r}: want (rate 1000..1000000 Hz, channels 1|2)")
+        if not (isinstance(rate, int) and (rate == NATIVE_RATE or 1_000 <= rate <= 1_000_000)) or channels not in (1, 2):
+            raise ValueError(f"bad decode target {t!r}: want (rate 1000..1000000 Hz or 0 = native, channels 1|2)")
         out.add((int(rate), int(channels)))
     return frozenset(out)
 

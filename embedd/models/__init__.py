@@ -59,6 +59,15 @@ class ModelInfo:
     # Whether a batch job that names no models embeds this one. Off by default, so
     # a new model never silently joins (and slows) every default job.
     in_default_job: bool = False
+    # Whether the backend takes each file's samples at the file's own rate (no resampling;
+    # ``sample_rate`` is then the rate it was trained at). Music2Latent: the original system
+    # let the package's loader read the file, which does not resample (parity).
+    native_rate: bool = False
+
+    @property
+    def decode_target(self) -> tuple[int, int]:
+        """The decoder's ``(rate, channels)`` for this model; rate 0 = the file's own rate."""
+        return (0 if self.native_rate else self.sample_rate, self.channels)
 
 
 _BUILT_IN = (
@@ -97,6 +106,7 @@ _BUILT_IN = (
         backend="embedd.models.latent:Music2LatentModel",
         source_help="Music2Latent checkpoint: hub id or local file.",
         in_default_job=True,
+        native_rate=True,
     ),
 )
 

@@ -18,31 +18,44 @@ latent channels -- never the signal representation: hop, frequency layout);
 the tests' tiny random-weight checkpoints use it to stay small. The official
 checkpoint has no such key.
 
-Encoding reproduces ``music2latent.inference.encode_audio_inference`` with its
-own functions (``to_representation_encoder``) and constants, called with a
-``max_waveform_length`` chosen per track (:func:`chunk_frames`): as many chunks
-as :data:`CHUNK_S`-second pieces the track needs, of near-equal length. The
-waveform is cropped to a whole number of latent frames, its encoder
-representation is cut into those chunks (the last one padded with the
-representation of the track's start, by less than a latent frame per chunk),
-every channel of every chunk is one batch item, and the latents are stitched
-back, cropped, and divided by ``sigma_rescale``.
+Encoding reproduces ``music2latent.inference.encode_audio_inference`` -- what
+the original system ran, through the package's ``encode`` -- with its own
+functions (``to_representation_encoder``) and constants, including its chunking:
+the waveform is cropped to a whole number of latent frames, its encoder
+representation is cut into chunks of the package's ``max_waveform_length_encode``
+(60 s of 44.1 kHz samples), the last one padded with the representation of the
+track's start, every channel of every chunk is one batch item, and the latents
+are stitched back, cropped, and divided by ``sigma_rescale``. The chunk length
+is part of the result, not only of the cost: the encoder attends over a whole
+chunk, so other chunks give other latents near every cut, and the drift part
+of the stored vector (the mean first difference is the last frame minus the
+first, over the frame count) follows them: 10 s chunks, which embedd used
+before, left the drift at cosine 0.989 to the original's on a 95 s track.
 
-Why at most 10 s chunks and not the package's 60 s: one 60 s chunk channel costs
-about 7 GB of activations in one forward pass on a CPU (≈1.3 MB per
-representation frame, 5,160 frames), a 10 s one about 1.1 GB. Why near-equal
-chunks: cutting at exactly 10 s padded the last chunk to full length, so a
-30 s track cost four 10 s chunks (25 % of the work on padding, ``bench/latent.py``);
-four 7.5 s chunks cost its length. The stored vectors stay within cosine ≈0.9993
-of 60 s chunks. How many chunk channels share a pass comes from the memory
-budget (:meth:`item_bytes`). The representation is computed per batch from each chunk's
-own samples (the STFT frames are independent), so a long track's whole
-representation -- 1.4 GB a minute -- is never on the GPU at once. Batch items
-of all tracks of a call run together (grouped by length), with the
-OOM-splitting batcher. The waveforms stay on the host until their chunk runs.
+Memory: a 60 s chunk channel costs about 7 GB of activations in one forward pass
+at real size on a CPU (≈1.4 MB per representation frame, 5,168 frames); how many
+share a pass comes from the memory budget (:meth:`item_bytes`), one at least.
+The representation is computed per batch from each chunk's own samples (the
+STFT frames are independent), so a long track's whole representation -- 1.4 GB
+a minute -- is never on the GPU at once. Batch items of all tracks of a call run
+together (grouped by length), with the OOM-splitting batcher. The waveforms stay
+on the host until their chunk runs. A track whose two channels are the same (a
+mono file, duplicated by the decoder) is encoded once and its latents used for
+both channels: the same numbers for half the work.
 
-Per latent frame the two channels and their magnitude ``sqrt(c0^2 + c1^2)``
-give ``3 x C`` values (192 for the real model), enriched over the frames.
+Sample rate: the original handed the file's path to the package's ``encode``,
+whose loader (``soundfile.read``) does not resample: a 48 kHz file is encoded at
+48 kHz, its samples taken as they are. The catalogue marks this model
+``native_rate``, so the decoder hands it the file's own samples (no resampling)
+and the vectors are the original's.
+
+Per latent frame the original stores ``3 x C`` values (192 for the real model):
+the two channels interleaved per latent dimension, ``[c0_0, c1_0, c0_1, c1_1,
+..., c0_{C-1}, c1_{C-1}]``, then the ``C`` magnitudes ``sqrt(c0^2 + c1^2 +
+1e-12)``; embedd lays them out the same way, enriched over the frames. A mono
+file (on which the original's own code failed) goes through as dual mono, its
+one channel as both: the representation a mono recording has when played as
+stereo, and what the original would store for that stereo file.
 Tracks too short for a single latent frame are tiled (repeated) up to one frame,
 the same way the package pads its last chunk.
 """
@@ -65,11 +78,12 @@ from embedd.models.layout import channels_last
 from embedd.models.quantize import quantize_model
 from embedd.models.runtime import autocast, group_by, resolve_file, run_batched
 
-__all__ = ["CHECKPOINT_FILENAME", "Music2LatentModel", "build_encoder", "build_unet", "chunk_frames"]
+__all__ = ["CHECKPOINT_FILENAME", "Music2LatentModel", "build_encoder", "build_unet", "chunk_frames", "frame_features"]
 
 CHECKPOINT_FILENAME = "music2latent.pt"
-#: Seconds of audio per encoder chunk (the package's ``max_waveform_length`` argument).
-CHUNK_S = 10
+#: Seconds of 44.1 kHz audio per encoder chunk: the package's ``max_waveform_length_encode``
+#: (60 s), which the original system used; a part of the result (see the module docstring).
+CHUNK_S = 60
 #: Activation bytes per representation frame of one chunk channel in one forward pass, for the
 #: stock architecture (``base_channels`` 64); measured at real size on CPU in fp32 (1.23-1.31 MB
 #: for 5-20 s chunks, ``bench/memory.py``), rounded up. Narrower checkpoints scale with their width.
@@ -140,18 +154,16 @@ def build_encoder(hparams: Mapping[str, Any] | None = None) -> torch.nn.Module:
 
 
 def chunk_frames(frames: int, max_frames: int, down: int) -> int:
-    """Representation frames per chunk of a ``frames``-long track: near-equal chunks, none longer
-    than ``max_frames``.
+    """Representation frames per chunk of a ``frames``-long track, as the package cuts them.
 
-    Cutting at ``max_frames`` and padding the last chunk up to it made a 30 s track cost four
-    10 s chunks (a third more than its length); the same number of chunks of equal length pads
-    less than one latent frame per chunk. ``frames`` and ``max_frames`` are whole latent frames
-    (multiples of ``down``), and so is the result.
+    A track up to ``max_frames`` is one chunk; a longer one is cut every ``max_frames``, the last
+    chunk padded up to it (``encode_audio_inference``). Equal chunks of less than ``max_frames``
+    would pad less, but the encoder attends over a whole chunk, so they give other latents than
+    the original's (see the module docstring). ``frames`` and ``max_frames`` are whole latent
+    frames (multiples of ``down``), and so is the result.
     """
-    if frames <= max_frames:
-        return frames
-    chunks = -(-frames // max_frames)
-    return -(-(frames // down) // chunks) * down
+    del down  # the package's cut needs no rounding: both are whole latent frames
+    return frames if frames <= max_frames else max_frames
 
 
 class Music2LatentModel(EmbeddingModel):
@@ -165,9 +177,9 @@ class Music2LatentModel(EmbeddingModel):
 
         self._hop = int(hop)
         self._width_scale = 1.0  # base_channels / stock, set at load
-        # CHUNK_S, not the package's 60 s (see the module docstring); an attribute so that
-        # tests can exercise chunking cheaply
-        self.max_waveform_length = int(CHUNK_S * self.info.sample_rate)
+        # the package's 60 s (see the module docstring); an attribute so that tests can
+        # exercise chunking cheaply
+        self.max_waveform_length = int(CHUNK_S * 44_100)
 
     # -- lifecycle ---------------------------------------------------------
     def _checkpoint_path(self) -> str:
@@ -284,8 +296,8 @@ class Music2LatentModel(EmbeddingModel):
                 audio = audio[None, :]
             if audio.shape[-1] == 0:
                 raise EmbeddError(Code.DECODE_ERROR, f"track {n} has no audio samples for model 'latent'")
-            if audio.shape[0] == 1:
-                audio = np.concatenate([audio, audio])
+            if audio.shape[0] == 2 and np.array_equal(audio[0], audio[1]):
+                audio = audio[:1]  # dual mono: one channel encoded, its latents used for both
             if audio.shape[-1] < min_samples:
                 audio = np.tile(audio, (1, -(-min_samples // audio.shape[-1])))
             cropped = ((((audio.shape[-1] - 3 * hop) // hop) // down) * hop * down) + 3 * hop
@@ -323,13 +335,25 @@ class Music2LatentModel(EmbeddingModel):
                     assert out is not None
                     pieces.append(out[:, : items[i].frames // down])  # drop the padding's latents
                 per_channel.append(torch.cat(pieces, dim=-1))
+            if len(per_channel) == 1:
+                per_channel = per_channel * 2
             result.append(torch.stack(per_channel) / sigma_rescale)
         return result
 
     def embed_audio_many(self, waveforms: Sequence[np.ndarray]) -> list[AudioEmbedding]:
         out = []
         for latent in self.track_latents(waveforms):
-            c0, c1 = latent[0], latent[1]
-            frames = torch.cat([c0, c1, torch.sqrt(c0 * c0 + c1 * c1)], dim=0)  # [3C, T]
+            frames = frame_features(latent)
             out.append(AudioEmbedding(vector=enrich(frames), windows=int(frames.shape[-1])))
         return out
+
+
+def frame_features(latent: torch.Tensor) -> torch.Tensor:
+    """``[3C, T]``: per latent frame the original's 192 values (real model) from ``[2, C, T]`` latents.
+
+    The two channels interleaved per latent dimension (``c0_0, c1_0, c0_1, c1_1, ...``), then the
+    magnitudes ``sqrt(c0^2 + c1^2 + 1e-12)``.
+    """
+    c0, c1 = latent[0], latent[1]
+    interleaved = torch.stack([c0, c1], dim=1).reshape(2 * c0.shape[0], c0.shape[-1])  # [2C, T]
+    return torch.cat([interleaved, torch.sqrt(c0 * c0 + c1 * c1 + 1e-12)], dim=0)

@@ -12,9 +12,11 @@ HuBERT-architecture directory, which ``AutoModel`` resolves to ``HubertModel``.
 
 Windows: 30 s with a 5 s hop at 24 kHz (the contract; ``mert_hop_s`` may widen
 the hop -- a third of the work at 15 s -- and flags the rows' ``model_id``); a
-track up to 30 s is one window of the whole track; the tail of a longer track is covered by one more window aligned
-to the track's end, so every window of a long track has the same length and
-all of them -- across the tracks of one call -- batch together. Each window goes
+track shorter than 30 s is padded with digital silence to one full window, as
+the original system does (parity, ``docs/operations.md``); the tail of a longer
+track is covered by one more window aligned to the track's end, so every window
+has the same length and all of them -- across the tracks of one call -- batch
+together. Each window goes
 through the feature extractor (MERT's per-window normalisation) and the model
 with ``output_hidden_states=True``; its embedding is the time-mean of every
 hidden state (the CNN projection plus each transformer layer: 25 x 1024 for the
@@ -47,8 +49,6 @@ __all__ = ["HOP_S", "MertModel", "WINDOW_S"]
 
 WINDOW_S = 30
 HOP_S = 5
-# MERT's CNN front end needs 400 samples for one frame; shorter tracks are tiled up to this
-_MIN_SAMPLES = 24_000
 
 
 class MertModel(EmbeddingModel):
@@ -147,7 +147,9 @@ class MertModel(EmbeddingModel):
         windows: list[np.ndarray] = []
         per_track: list[list[int]] = []  # indices into windows
         for n, wave in enumerate(waveforms):
-            mono = mono_waveform(wave, index=n, model_name=self.name, min_samples=_MIN_SAMPLES)
+            mono = mono_waveform(wave, index=n, model_name=self.name, min_samples=1)
+            if mono.size < WINDOW_S * sr:  # the original's padding: digital silence up to one full window
+                mono = np.concatenate([mono, np.zeros(WINDOW_S * sr - mono.size, np.float32)])
             hop = int(round((self.spec.hop_s or HOP_S) * sr))
             spans = window_spans(mono.size, WINDOW_S * sr, hop, align_last_to_end=True)
             per_track.append(list(range(len(windows), len(windows) + len(spans))))

@@ -32,17 +32,21 @@ set; when everything is local the loader is never handed a hub id.
 
 Audio
 -----
-24 kHz mono; windows of 120 s every 15 s; a track up to 120 s is one window
-of the whole track; a longer track's tail is covered by one more window that
-starts on the hop grid and runs to the end (105-120 s long), so that every
-window starts on the 15 s grid. MuQ-MuLan embeds a window as the mean of the
+24 kHz mono; windows of 120 s, as the original system lays them out (parity,
+``docs/operations.md``): a track shorter than one window is padded with
+digital silence to one full window (so MuQ-MuLan averages over all twelve of
+its 10 s clips, the silent ones included); a longer one has windows every
+15 s from 0 while a whole window fits, then, when the grid leaves a tail, one
+more window aligned to the track's end (it starts at length - 120 s). Every
+window is 120 s long. MuQ-MuLan embeds a window as the mean of the
 L2-normalised latents of its consecutive 10 s clips, the last partial clip
-completed with the window's own beginning (``MuQMuLan._get_all_clips``).
-Windows overlap 8-fold and all full clips start on a 5 s grid, so each distinct
-clip is embedded once (keyed by its start sample) and every window averages
-the clip latents it contains; only a window's wrapped partial clip is its own.
-Clips of all tracks of one call are batched by length. The result equals
-calling ``MuQMuLan(wavs=window)`` per window (tested).
+completed with the window's own beginning (``MuQMuLan._get_all_clips``; with
+120 s windows there is none). Grid windows overlap 8-fold and their clips start
+on a 5 s grid, so each distinct clip is embedded once (keyed by its start
+sample) and every window averages the clip latents it contains; a clip wholly
+inside the padding is digital silence, embedded once per call whatever its
+track. Clips of all tracks of one call are batched by length. The result
+equals calling ``MuQMuLan(wavs=window)`` per window (tested).
 
 Text
 ----
@@ -87,13 +91,13 @@ __all__ = ["HOP_S", "MuQMuLanModel", "WINDOW_S", "resolve_submodel"]
 
 WINDOW_S = 120
 HOP_S = 15
-# a clip this short still gives the audio tower a few frames; shorter tracks are tiled up to it
-_MIN_SAMPLES = 24_000
 #: Activation bytes per clip sample for MuQ-large's audio tower (``encoder_dim`` 1024): measured
 #: 289 MB for one 10 s clip (1,204 B/sample; ``bench/memory.py``, CPU, fp32), rounded up;
 #: narrower towers scale with their width.
 BYTES_PER_SAMPLE_STOCK = 1_500
 _STOCK_WIDTH = 1024
+#: The key of a clip of the padding (digital silence): one forward pass for all of them in a call.
+_SILENCE = "silence"
 
 
 def resolve_submodel(name: str, base_dir: Path | None, cache_dir: str | None) -> str:
@@ -193,18 +197,22 @@ class MuQMuLanModel(EmbeddingModel):
         """``[B, D]``: the normalised latent of each clip (MuLan's ``get_audio_latents``)."""
         return self._model.mulan_module.get_audio_latents(torch.stack(list(clips))).float()
 
-    def _window_clips(self, audio: torch.Tensor, start: int, end: int) -> list[tuple[object, torch.Tensor]]:
+    def _window_clips(
+        self, audio: torch.Tensor, start: int, end: int, content: int
+    ) -> list[tuple[object, torch.Tensor]]:
         """``(key, clip)`` of one window, exactly as ``MuQMuLan._get_all_clips`` cuts it.
 
-        A full clip's key is its absolute start sample (shared between windows);
-        the wrapped partial clip is keyed by its window.
+        A full clip's key is its absolute start sample (shared between windows),
+        or ``"silence"`` when it starts at or after ``content`` (the padding: the
+        same zeros for every track); the wrapped partial clip is keyed by its window.
         """
         delta = self._clip
         length = end - start
         clips: list[tuple[object, torch.Tensor]] = []
         accum = 0
         while accum + delta <= length:
-            clips.append((start + accum, audio[start + accum : start + accum + delta]))
+            at = start + accum
+            clips.append((_SILENCE if at >= content else at, audio[at : at + delta]))
             accum += delta
         if accum < length:
             window = audio[start:end]
@@ -220,15 +228,18 @@ class MuQMuLanModel(EmbeddingModel):
         clip_data: list[torch.Tensor] = []
         seen: dict[tuple[int, object], int] = {}
         windows: list[list[list[int]]] = []  # per track, per window: indices into clip_data
+        window = WINDOW_S * self._sr
         for n, wave in enumerate(waveforms):
-            mono = mono_waveform(wave, index=n, model_name=self.name, min_samples=_MIN_SAMPLES)
+            mono = mono_waveform(wave, index=n, model_name=self.name, min_samples=1)
+            content = mono.size
+            if content < window:  # the original's padding: digital silence up to one full window
+                mono = np.concatenate([mono, np.zeros(window - content, np.float32)])
             audio = torch.from_numpy(np.ascontiguousarray(mono)).to(self.device)
             track_windows = []
-            for start, end in window_spans(audio.shape[0], WINDOW_S * self._sr, HOP_S * self._sr,
-                                           align_last_to_end=False):
+            for start, end in window_spans(audio.shape[0], window, HOP_S * self._sr, align_last_to_end=True):
                 members = []
-                for key, clip in self._window_clips(audio, start, end):
-                    k = (n, key)
+                for key, clip in self._window_clips(audio, start, end, content):
+                    k: tuple[int, object] = (-1, key) if key is _SILENCE else (n, key)
                     if k not in seen:
                         seen[k] = len(clip_data)
                         clip_keys.append(k)
