@@ -231,6 +231,29 @@ def _print_drop_legacy(r: dict) -> None:
         print("run again with --yes to drop them")
 
 
+def _print_take_over(r: dict) -> None:
+    verb = "would adopt" if r["dry_run"] else "adopted"
+    for model, m in r["models"].items():
+        if not m["collections"]:
+            print(f"{model}: no collection of the original system")
+            continue
+        if m.get("refused"):
+            print(f"{model}: refused: {m['refused']}")
+            continue
+        print(f"{model}: {m['rows']} rows in {', '.join(m['collections'])}: {verb} {m['adopted']}, "
+              f"already stored {m['already_stored']}, unresolved {m['unresolved']}, ambiguous {m['ambiguous']}")
+        for model_id, n in m["other_model_id"].items():
+            print(f"  {n} rows of another model ({model_id!r}) left alone")
+        if m["other_dim"]:
+            print(f"  {m['other_dim']} rows of another width left alone")
+        for name in m["unresolved_names"]:
+            print(f"  no track named {name!r}")
+        for a in m["ambiguous_names"]:
+            print(f"  {len(a['tracks'])} tracks named {a['name']!r}: not adopted ({', '.join(a['tracks'])})")
+    if not r["dry_run"]:
+        print("the next incremental job (embedd batch start) embeds only what was not adopted")
+
+
 def _print_hits(r: dict) -> None:
     hits = r["hits"]
     if not hits:
@@ -335,6 +358,11 @@ async def _run_client(args: argparse.Namespace) -> int:
         elif cmd == "drop-legacy":
             call_args = {"confirm": args.yes, **({"model": args.model} if args.model else {})}
             out(await client.call("drop_legacy", **call_args), _print_drop_legacy)
+        elif cmd == "take-over":
+            call_args = {"dry_run": args.dry_run, **({"model": args.model} if args.model else {})}
+            if args.model_id:
+                call_args["model_id"] = args.model_id
+            out(await client.call("take_over", **call_args), _print_take_over)
     return 0
 
 
@@ -490,6 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("-m", "--model", choices=MODEL_NAMES, help="only this model's; default all")
     p.add_argument("--yes", action="store_true", help="drop them (without it, only say what would be dropped)")
+
+    p = sub.add_parser(
+        "take-over", parents=[client_opts], help="keep the original system's vectors instead of re-embedding",
+        description="Adopt the vectors of the system embedd replaced: each row of its collections whose name "
+        "(\"Artist - Title\") is exactly one Navidrome track's and whose model_id is the configured model's is stored "
+        "for that track, so the next incremental job skips it. Names of no track or of several are listed, never "
+        "guessed. The original's collections are only read.",
+    )  # fmt: skip
+    p.add_argument("-m", "--model", choices=MODEL_NAMES, help="only this model's; default all")
+    p.add_argument("--model-id", help="the model_id the original's rows carry, when embedd loads the same weights "
+                   "from another source (needs --model)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="only say what would be adopted")
 
     batch = sub.add_parser("batch", help="re-embed the whole library")
     bsub = batch.add_subparsers(dest="action", required=True, metavar="ACTION")

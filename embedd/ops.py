@@ -29,6 +29,7 @@ from embedd.protocol import (
     NoArgs,
     RecommendArgs,
     SearchArgs,
+    TakeOverArgs,
     UnloadArgs,
     decode_vector,
     encode_vector,
@@ -36,6 +37,7 @@ from embedd.protocol import (
 from embedd.recommend import recommend as recommend_tracks
 from embedd.service import Service
 from embedd.store import TrackRow
+from embedd.takeover import take_over as take_over_vectors
 
 __all__ = ["Handler", "build_handlers"]
 
@@ -88,6 +90,9 @@ def build_handlers(service: Service) -> dict[str, Handler]:
     async def recommend(args: RecommendArgs) -> dict:
         return await recommend_tracks(service, args)
 
+    async def take_over(args: TakeOverArgs) -> dict:
+        return await take_over_vectors(service, args.model, model_id=args.model_id, dry_run=args.dry_run)
+
     handlers = {
         "ping": Handler(ping, inline=True),
         "status": Handler(status),
@@ -97,6 +102,7 @@ def build_handlers(service: Service) -> dict[str, Handler]:
         "search": Handler(search),
         "drop_legacy": Handler(drop_legacy),
         "recommend": Handler(recommend),
+        "take_over": Handler(take_over),
     }
     handlers.update(service.batch.handlers())
     missing = set(OP_SCHEMAS) - set(handlers)

@@ -239,6 +239,12 @@ class DropLegacyArgs(Args):
     confirm: bool = False  # False: only say what would be dropped
 
 
+class TakeOverArgs(Args):
+    model: ModelName | None = None  # None: every model
+    model_id: Annotated[str, msgspec.Meta(min_length=1, max_length=512)] | None = None  # the original rows' id
+    dry_run: bool = False  # True: only say what would be adopted
+
+
 class RecommendSeed(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """One seed of ``recommend``: a stored track, a query vector, or a text (see docs/protocol.md)."""
 
@@ -330,6 +336,7 @@ OP_SCHEMAS: dict[str, type[Args]] = {
     "batch_failures": BatchFailuresArgs,
     "drop_legacy": DropLegacyArgs,
     "recommend": RecommendArgs,
+    "take_over": TakeOverArgs,
 }
 
 _NO_ARGS = NoArgs()

@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 
 
-def create_original_collection(client: Any, name: str, vectors: np.ndarray, names: list[str]) -> None:
-    """A collection of the original schema holding ``vectors`` under ``names``."""
+def create_original_collection(
+    client: Any, name: str, vectors: np.ndarray, names: list[str], model_ids: list[str] | None = None
+) -> None:
+    """A collection of the original schema holding ``vectors`` under ``names`` (each row's ``model_id``
+    from ``model_ids``; default ``original/model``)."""
     from pymilvus import DataType, MilvusClient
 
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -40,7 +43,10 @@ def create_original_collection(client: Any, name: str, vectors: np.ndarray, name
     client.load_collection(name)
     client.insert(
         name,
-        [{"name": n, "embedding": v.tolist(), "offset": 0.0, "model_id": "original/model"} for n, v in zip(names, vectors, strict=True)],
+        [
+            {"name": n, "embedding": v.tolist(), "offset": 0.0, "model_id": mid}
+            for n, v, mid in zip(names, vectors, model_ids or ["original/model"] * len(names), strict=True)
+        ],
     )
 
 

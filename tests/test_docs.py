@@ -149,7 +149,7 @@ def test_every_op_has_a_section_and_every_error_code_is_explained():
     error_table = PROTOCOL[PROTOCOL.index("## 7. Error codes") : PROTOCOL.index("## 8. Versions")]
     for code in Code:
         assert f"| `{code.value}` |" in error_table, f"error code {code.value} is not explained"
-    assert "Fifteen ops" in PROTOCOL and len(OP_SCHEMAS) == 15
+    assert "Sixteen ops" in PROTOCOL and len(OP_SCHEMAS) == 16
 
 
 @pytest.mark.parametrize("name", ["ping-request", "ping-response"])
@@ -211,7 +211,7 @@ def test_readme_lists_every_cli_subcommand():
 def _documented_commands() -> list[list[str]]:
     commands = []
     for text in (README, OPERATIONS):
-        for raw in re.findall(r"^\s*(?:\$ |sudo (?:-u \w+ )?)?(\S*\bembedd (?:ping|status|unload|embed|text|search|batch|drop-legacy)\b[^\n]*)", text, flags=re.M):
+        for raw in re.findall(r"^\s*(?:\$ |sudo (?:-u \w+ )?)?(\S*\bembedd (?:ping|status|unload|embed|text|search|batch|drop-legacy|take-over)\b[^\n]*)", text, flags=re.M):
             if raw.startswith(("scripts/", "`")):
                 continue
             argv = shlex.split(raw)
