@@ -365,3 +365,18 @@ def test_a_clean_stop_is_not_counted_as_a_crash(store):
     store.stand_down(jid)  # a clean stop during its retry keeps the one crash, adds none
     suspects, failed = store.recover_in_flight(jid)
     assert suspects == {"b"} and failed == []
+
+
+def test_written_outcomes_leave_pending_only_when_the_view_takes_the_job(tmp_path):
+    """flush (a thread) writes; published (the loop, with the new job) moves the counts: never a low frame."""
+    with JobStore(str(tmp_path / "state.db")) as s:
+        job = s.create_job(models=["muq"], total_tracks=10)
+        cp = Checkpointer(s, job.job_id, every=100)
+        for i in range(3):
+            cp.add(f"t{i}", "processed", done_models=["muq"])
+        written = cp.flush()
+        assert written is not None and written.processed_tracks == 3
+        # between the write and the loop's publish, the old view (0 durable) still adds the 3 pending
+        assert cp.pending_outcomes[Outcome.PROCESSED] == 3
+        cp.published()
+        assert cp.pending_outcomes[Outcome.PROCESSED] == 0

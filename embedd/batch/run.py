@@ -393,6 +393,7 @@ class Run:
         if job is None:
             return
         self.progress.job = self.job = job
+        self.checkpoints.published()  # same loop turn: the written tracks move from pending to the job
         self.progress.bump()
 
     # ---- helpers

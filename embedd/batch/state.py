@@ -724,6 +724,7 @@ class Checkpointer:
         self._flushing = threading.Lock()
         #: Outcomes buffered and not yet written, per outcome (what progress adds to the durable counters).
         self.pending_outcomes: dict[Outcome, int] = {o: 0 for o in Outcome}
+        self._written: list[Outcome] = []  # checkpointed outcomes the view has not taken yet (published)
 
     @property
     def pending(self) -> int:
@@ -775,6 +776,16 @@ class Checkpointer:
                 self._tracks += tracks
             raise
         with self._lock:
-            for _, outcome in finished:
-                self.pending_outcomes[outcome] -= 1
+            self._written.extend(outcome for _, outcome in finished)
         return job
+
+    def published(self) -> None:
+        """The loop made the checkpointed job its view: stop counting what it wrote as pending.
+
+        Called on the event loop in the same turn as the view takes the new job, so a
+        view never counts the written tracks twice or not at all.
+        """
+        with self._lock:
+            written, self._written = self._written, []
+            for outcome in written:
+                self.pending_outcomes[outcome] -= 1

@@ -213,7 +213,7 @@ def run_batched(
                     f"model {model_name!r} ran out of GPU memory on a single window; "
                     "free GPU memory or lower the batch size and retry",
                 )
-            cap = max(1, len(chunk) // 2)
+            cap = max(1, min(cap // 2, len(chunk) - 1))  # halve, and always below what failed
             log.warning("model %s: CUDA out of memory, retrying with batch size %d", model_name, cap)
             continue
         if result.shape[0] != len(chunk):
