@@ -57,7 +57,7 @@ import numpy as np
 from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG, backend_class
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
-from embedd.models.passes import PassPolicy, running_on
+from embedd.models.passes import PassPolicy, running_on, stop_between_layers
 
 __all__ = ["Executor", "Lane", "LaneSettings", "ModelRegistry", "ModelState", "resolve_device"]
 
@@ -637,6 +637,7 @@ class Executor:
             if self.device == "cpu":
                 self.threads_of["interactive"] = _set_compute_threads(0)
                 log.info("interactive model work runs on %d CPU threads", self.threads_of["interactive"])
+            stop_between_layers()
             registry = self._registry_builder(self.device)
             with self._cond:
                 registry.pin(self._pins.elements())
@@ -660,6 +661,7 @@ class Executor:
             before_pass=lambda model: self._before_pass("interactive", yield_to_interactive=False),
             started=lambda model, items: self._pass_started("interactive", model, items),
             ended=self._pass_ended,
+            stopping=lambda: self._stopping_now("interactive"),
         )
         try:
             with running_on(policy):
@@ -701,6 +703,7 @@ class Executor:
             before_pass=lambda model: self._before_pass("batch", yield_to_interactive=True),
             started=lambda model, items: self._pass_started("batch", model, items),
             ended=self._pass_ended,
+            stopping=lambda: self._stopping_now("batch"),
         )
         try:
             with running_on(policy):
@@ -800,6 +803,17 @@ class Executor:
         if jobs and all(job.abandoned for job in jobs):
             self.stats[label].dropped += len(jobs)
             raise EmbeddError(Code.CANCELLED, "nobody waits for this work any more (cancelled)")
+
+    def _stopping_now(self, label: str) -> bool:
+        """Whether the lane's call should stop mid-pass: shutdown, or nobody waits for any of its jobs.
+
+        Asked before every module of a forward pass: no lock (reads of a dict entry, a
+        list and bools are atomic in CPython; a stale answer only delays the stop by a layer).
+        """
+        if self._stopping:
+            return True
+        jobs = self._running.get(label)
+        return bool(jobs) and all(job.abandoned for job in jobs)
 
     def _pass_started(self, label: str, model: str, items: int) -> _Pass:
         entry = _Pass(label, model, items, time.monotonic(), next(_seq))

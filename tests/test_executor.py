@@ -493,3 +493,54 @@ async def test_lane_metrics_count_passes_and_drops(running):
     assert 'embedd_queue_wait_seconds_count{lane="batch"} 2.0' in text, text
     assert 'embedd_jobs_dropped_total{lane="batch"} 1.0' in text, text
     assert 'embedd_queue_oldest_wait_seconds{lane="interactive"} 0.0' in text, text
+
+
+class LayeredModel(RecordingModel):
+    """One forward pass through three torch modules; the first can be held, each records that it ran."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        import torch
+
+        self.ran: list[int] = []
+        self.hold = threading.Event()
+        self.inside = threading.Event()
+        model = self
+
+        class Layer(torch.nn.Module):
+            def __init__(self, n: int) -> None:
+                super().__init__()
+                self.n = n
+
+            def forward(self, x):
+                model.ran.append(self.n)
+                if self.n == 1:
+                    model.inside.set()
+                    model.hold.wait(10)
+                return x + 1
+
+        self.net = torch.nn.Sequential(Layer(1), Layer(2), Layer(3))
+
+    def embed_audio_many(self, waveforms: Sequence[np.ndarray]) -> list[AudioEmbedding]:
+        import torch
+
+        from embedd.models.runtime import run_batched
+
+        rows = run_batched([torch.zeros(3)], lambda chunk: self.net(torch.stack(list(chunk))), 1, model_name="muq")
+        v = rows[0].numpy() + 1
+        return [AudioEmbedding(vector=v / np.linalg.norm(v), windows=1) for _ in waveforms]
+
+
+async def test_a_cancelled_pass_stops_between_its_layers(running):
+    model = LayeredModel(SPEC)
+    ex = running(model)
+    job = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 4), np.float32)))
+    await wait_for(model.inside.is_set)  # one item, one pass, inside its first layer
+    job.cancel()
+    await wait_for(job.done)
+    model.hold.set()
+    await wait_for(lambda: ex.lanes_view()["lanes"]["batch"]["pass"] is None)
+    assert model.ran == [1]  # layers 2 and 3 of the abandoned pass never ran
+    model.hold.set()
+    await ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 4), np.float32))  # and the lane serves again
+    assert model.ran == [1, 1, 2, 3]

@@ -17,7 +17,10 @@ The pass is where the executor can act without touching model code, so
   for it has gone: a cancelled batch job frees the lane within one pass).
 - **what ran** (:meth:`PassPolicy.started` / :meth:`PassPolicy.ended`): the
   pass in flight and the pass-duration histogram that ``status`` and
-  ``/metrics`` show.
+  ``/metrics`` show;
+- **whether to stop inside a pass** (:attr:`PassPolicy.stopping`, asked
+  between the pass's modules by :func:`stop_between_layers`): one item that
+  costs many seconds stops within one layer when nobody waits for it.
 
 The policy is found through a context variable the lane's thread sets
 (:func:`running_on`), the same way torch finds the thread's autocast and
@@ -34,7 +37,7 @@ import contextvars
 import dataclasses
 from typing import Callable, Hashable, Iterator
 
-__all__ = ["PassPolicy", "RateBook", "current", "running_on"]
+__all__ = ["PassPolicy", "RateBook", "Stopped", "current", "running_on", "stop_between_layers"]
 
 #: Weight of the newest pass in the per-item time estimate.
 _EMA_WEIGHT = 0.3
@@ -77,6 +80,9 @@ class PassPolicy:
     started: Callable[[str, int], object]
     ended: Callable[[object, float], None]
     rates: RateBook = dataclasses.field(default_factory=RateBook)
+    #: True when the work in flight should stop now (nobody waits for it, or shutdown); checked
+    #: between the layers of a pass (:func:`stop_between_layers`), so one long item stops too.
+    stopping: Callable[[], bool] | None = None
 
     def items(self, model: str, memory_cap: int) -> int:
         """Items in the next pass: the memory cap, cut to what fits in the time budget."""
@@ -90,6 +96,10 @@ class PassPolicy:
 
     def record(self, model: str, memory_cap: int, items: int, seconds: float) -> None:
         self.rates.record((model, max(1, int(memory_cap))), items, seconds)
+
+
+class Stopped(Exception):
+    """Raised between two layers of a forward pass whose work nobody waits for any more."""
 
 
 _current: contextvars.ContextVar[PassPolicy | None] = contextvars.ContextVar("embedd_pass_policy", default=None)
@@ -108,3 +118,31 @@ def running_on(policy: PassPolicy | None) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+def _check_between_layers(module: object, args: object) -> None:
+    policy = _current.get()
+    if policy is not None and policy.stopping is not None and policy.stopping():
+        raise Stopped(f"stopped before {type(module).__name__}: nobody waits for this pass any more")
+
+
+_hooked = False
+
+
+def stop_between_layers() -> None:
+    """Let a lane stop a forward pass between two of its modules (idempotent, process-wide).
+
+    One item can cost many seconds of CPU (a MERT 30 s window, a Music2Latent
+    60 s chunk), more than the wait a cancel or a shutdown should have. A
+    global forward pre-hook asks the lane's :attr:`PassPolicy.stopping`
+    before every module runs; outside a lane (no policy) it does nothing. Its
+    cost is one Python call per module call, microseconds against a pass of
+    seconds.
+    """
+    global _hooked
+    if _hooked:
+        return
+    import torch
+
+    torch.nn.modules.module.register_module_forward_pre_hook(_check_between_layers)
+    _hooked = True

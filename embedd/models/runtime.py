@@ -200,6 +200,8 @@ def run_batched(
             result = forward(chunk)
         except torch.cuda.OutOfMemoryError:
             result = None
+        except passes.Stopped as exc:
+            raise EmbeddError(Code.CANCELLED, f"model {model_name!r}: {exc}") from None
         finally:
             seconds = time.perf_counter() - began
             if policy is not None:
