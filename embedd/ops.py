@@ -194,7 +194,7 @@ async def _search(service: Service, args: SearchArgs) -> dict:
                 )
         return store.search(model, np.asarray(vector, dtype=np.float32), args.limit, exclude)
 
-    hits = await service.store_io.call(run)
+    hits = await service.store_io.read(run)  # the read lane: never behind the batch job's upserts
     return {
         "hits": [
             {

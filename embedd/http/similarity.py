@@ -219,7 +219,7 @@ async def _search(
 
 
 async def _vectors(ctx: HttpContext, model: str, track_ids: list[str]) -> dict[str, np.ndarray]:
-    """The stored vectors of those tracks that have one, read on the store thread."""
+    """The stored vectors of those tracks that have one, read on the store's read lane."""
     service = ctx.service
     await service.executor.described()
     dim = service.executor.model_dim(model)
@@ -234,7 +234,7 @@ async def _vectors(ctx: HttpContext, model: str, track_ids: list[str]) -> dict[s
                 found[tid] = vector
         return found
 
-    return await service.store_io.call(read) if track_ids else {}
+    return await service.store_io.read(read) if track_ids else {}
 
 
 async def _describe(ctx: HttpContext, model: str, track_id: str, vector: np.ndarray) -> dict:

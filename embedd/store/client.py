@@ -119,10 +119,19 @@ def is_refused_parameter(exc: BaseException) -> bool:
 class Milvus:
     """The connection to one Milvus (Lite file or server) with the error mapping of the contract."""
 
-    def __init__(self, uri: str, timeout_s: float) -> None:
+    def __init__(self, uri: str, timeout_s: float, *, dedicated: bool = False) -> None:
         self.uri = uri
         self.timeout_s = timeout_s
         self.is_lite = is_lite_uri(uri)
+        #: A connection of its own rather than pymilvus' shared one (one per address in the
+        #: process): the store's read lane must not queue behind the write lane's large
+        #: upserts on one gRPC connection. gRPC also pools sub-channels process-wide by
+        #: address, hence the local sub-channel pool.
+        self.dedicated = dedicated
+        #: Called before each upsert call of a write (:func:`embedd.store.rows.write`), on
+        #: this connection's thread: :class:`~embedd.store.io.StoreIO` makes a write wait
+        #: there while reads are in progress (reads first, between upserts).
+        self.between_writes: Callable[[], None] | None = None
         self._client_obj: Any = None
 
     def client(self) -> Any:
@@ -132,7 +141,13 @@ class Milvus:
             if self.is_lite:
                 Path(self.uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
             try:
-                self._client_obj = MilvusClient(uri=self.uri, timeout=self.timeout_s)
+                if self.dedicated:
+                    self._client_obj = MilvusClient(
+                        uri=self.uri, timeout=self.timeout_s, dedicated=True,
+                        grpc_options={"grpc.use_local_subchannel_pool": 1},
+                    )  # fmt: skip
+                else:
+                    self._client_obj = MilvusClient(uri=self.uri, timeout=self.timeout_s)
             except Exception as exc:  # any failure to connect is "the dependency is down"
                 raise self._unavailable(exc) from exc
         return self._client_obj

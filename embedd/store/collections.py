@@ -400,6 +400,31 @@ class Collections:
         self.milvus.drop(handle.physical)
         return True
 
+    # -- a reader that follows this owner (the store's read lane) ---------------------------
+
+    def hand_over(self) -> tuple[dict[str, tuple[str, str, Layout]], set[str]]:
+        """What a reader needs of each model, and the models whose next read must be Strong.
+
+        ``({model: (public, address, layout)}, {model, ...})``. The Strong flags are
+        handed over, not copied: this owner's own reads of the live set are the
+        batch job's (counts and scans, Strong anyway), so from here on the reader's
+        next search is the one that must wait for the server's time tick.
+        """
+        view = {name: (m.public, m.address, m.layout) for name, m in self.models.items()}
+        strong = {name for name, m in self.models.items() if m.changed}
+        for name in strong:
+            self.models[name].changed = False
+        return view, strong
+
+    def follow(self, view: dict[str, tuple[str, str, Layout]], strong: set[str]) -> None:
+        """Take the owner's view (:meth:`hand_over`): a reader never opens or changes a collection itself."""
+        for name, (public, address, layout) in view.items():
+            before = self.models.get(name)
+            self.models[name] = Model(
+                name=name, public=public, address=address, layout=layout,
+                changed=name in strong or bool(before and (before.changed or before.layout.physical != layout.physical)),
+            )  # fmt: skip
+
     def target(self, model: str, handle: RebuildHandle | None) -> tuple[str, Layout]:
         """(name to address, its layout): the live set, or a rebuild's physical collection."""
         m = self.model(model)

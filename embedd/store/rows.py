@@ -14,19 +14,29 @@ import numpy as np
 from embedd.store.client import STRONG, Milvus
 from embedd.store.layout import Layout, in_list
 
-UPSERT_BYTES = 16 * 1024 * 1024  # per upsert call: well under the servers' gRPC message limits
+UPSERT_BYTES = 16 * 1024 * 1024  # per scan page: well under the servers' gRPC message limits
+#: Per upsert call. Small enough that a read given priority between upserts waits for at
+#: most a fraction of a second (six MERT tracks on Milvus Lite, about 0.15 s on a
+#: small CPU), large enough that the calls' overhead does not show (``bench/store_reads.py``).
+WRITE_BYTES = 2 * 1024 * 1024
 FETCH_TRACKS = 32  # full vectors fetched per query
 
 
-def rows_per_call(layout: Layout) -> int:
-    """Milvus rows per upsert (or scan page) that stay near ``UPSERT_BYTES``."""
-    return max(1, UPSERT_BYTES // (layout.part_dim * 4 + 8 * 1024))
+def rows_per_call(layout: Layout, nbytes: int = UPSERT_BYTES) -> int:
+    """Milvus rows per scan page (or upsert, with ``WRITE_BYTES``) that stay near ``nbytes``."""
+    return max(1, nbytes // (layout.part_dim * 4 + 8 * 1024))
 
 
 def write(milvus: Milvus, name: str, layout: Layout, entities: Sequence[dict[str, Any]]) -> None:
-    """Upsert ready-made entities in calls of bounded size; returns once Milvus acknowledged all."""
-    chunk = rows_per_call(layout)
+    """Upsert ready-made entities in calls of bounded size; returns once Milvus acknowledged all.
+
+    Before each call, ``milvus.between_writes`` (when set) may hold the write
+    while reads are in progress: reads go first, at every upsert boundary.
+    """
+    chunk = rows_per_call(layout, WRITE_BYTES)
     for start in range(0, len(entities), chunk):
+        if milvus.between_writes is not None:
+            milvus.between_writes()
         part = list(entities[start : start + chunk])
         milvus.call(f"upsert into {name}", lambda c: c.upsert(name, part, timeout=max(milvus.timeout_s, 30)))
 

@@ -1,8 +1,10 @@
 """The store the daemon uses: per-model track vectors in Milvus (Lite file or server).
 
 Threading. :class:`VectorStore` is synchronous and NOT thread-safe: the daemon
-owns one instance and calls it from one dedicated I/O thread, off the event loop.
-Every call blocks on the network (or on the Milvus Lite child process).
+owns two instances, each called from its own thread off the event loop, one for
+writes and one for reads (:mod:`embedd.store.io`; the reader, with a connection
+of its own, follows what the writer opened). Every call blocks on the network
+(or on the Milvus Lite server pymilvus runs in this process).
 
 URI. A path (``<data_dir>/milvus.db``, the default) is Milvus Lite: pymilvus runs
 it as a child process over that file. ``http://host:19530`` (or https) is a
@@ -69,8 +71,8 @@ from embedd.store.layout import (
 class VectorStore:
     """Track vectors per model in Milvus (Lite or server); see the module docstrings for the design."""
 
-    def __init__(self, uri: str, *, timeout_s: float = 10.0) -> None:
-        self.milvus = Milvus(uri, timeout_s)
+    def __init__(self, uri: str, *, timeout_s: float = 10.0, dedicated: bool = False) -> None:
+        self.milvus = Milvus(uri, timeout_s, dedicated=dedicated)
         self.collections = Collections(self.milvus)
 
     uri = property(lambda self: self.milvus.uri)
