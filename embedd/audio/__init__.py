@@ -13,6 +13,7 @@ The package, one owner per module:
 * :mod:`~embedd.audio.resample`: sample formats, downmixing and soxr resampling;
 * :mod:`~embedd.audio.shm`: the /dev/shm hand-off from a worker to the daemon;
 * :mod:`~embedd.audio.budget`: the gate on decoded audio held at once;
+* :mod:`~embedd.audio.lanes`: which decode a free worker takes next (interactive first);
 * :mod:`~embedd.audio.pool`: the worker processes (:class:`AudioDecoder`).
 """
 

@@ -4,6 +4,12 @@ A decoder crash on a hostile file then costs one worker, not the daemon, and
 decoding never holds the GIL of the event loop or the GPU thread. Results come
 back through :mod:`embedd.audio.shm` and are admitted against the budget of
 decoded audio held (:mod:`embedd.audio.budget`) before a caller sees them.
+
+Decodes come in two lanes (:mod:`embedd.audio.lanes`): a request's
+(``embed_file``, interactive, the default) and the batch job's. The pool is
+given no more decodes than it has workers; the rest wait in the daemon,
+interactive ones first, and a waiting decode whose caller is cancelled never
+reaches a worker.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import av
 
 from embedd.audio import shm
 from embedd.audio.budget import DEFAULT_HELD_BYTES, HeldAudioGate
+from embedd.audio.lanes import INTERACTIVE, DecodeLane, DecodeLanes, check_lane
 from embedd.audio.decode import decode_memory_into, decode_path_into
 from embedd.audio.track import DEFAULT_MAX_AUDIO_S, DecodedAudio, Target, check_targets
 from embedd.errors import Code, EmbeddError
@@ -58,6 +65,14 @@ def job_bytes(data: bytes, filename: str, targets: frozenset[Target], max_audio_
 
 
 # ---- in the daemon
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """``fn(*args)`` on the loop, from any thread (a pool's callbacks); nothing once the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
 
 
 class _WorkerDied(EmbeddError):
@@ -96,9 +111,10 @@ class AudioDecoder:
         self._closed = False
         self._retry_lock = asyncio.Lock()  # see _run
         self._held = HeldAudioGate(held_bytes)
-        # decodes submitted but not yet admitted to the held budget: their results wait in
-        # /dev/shm (memory too), so their number is bounded as well
-        self._pending = asyncio.Semaphore(2 * self.workers)
+        # One decode per worker in the pool, the rest waiting here by lane; decodes started
+        # but not yet admitted to the held budget (their results wait in /dev/shm, memory
+        # too) are bounded as well.
+        self._lanes = DecodeLanes(self.workers, unadmitted=2 * self.workers)
         shm.sweep_stale()
         self._pool = self._new_pool()
 
@@ -121,30 +137,43 @@ class AudioDecoder:
         pool = self._pool
         await asyncio.gather(*(asyncio.wrap_future(pool.submit(os.getpid)) for _ in range(self.workers)))
 
-    async def decode_path(self, path: str, targets: Iterable[Target]) -> DecodedAudio:
-        """Check ``path`` against the roots and decode it in a worker."""
-        return await self._run(path, job_path, str(path), self.roots, check_targets(targets), self.max_audio_s, self._tag)
+    async def decode_path(self, path: str, targets: Iterable[Target], *, lane: DecodeLane = INTERACTIVE) -> DecodedAudio:
+        """Check ``path`` against the roots and decode it in a worker.
 
-    async def decode_bytes(self, data: bytes, filename: str, targets: Iterable[Target]) -> DecodedAudio:
-        """Decode uploaded bytes in a worker, from memory."""
-        return await self._run(filename, job_bytes, bytes(data), filename, check_targets(targets), self.max_audio_s, self._tag)
+        ``lane``: ``"interactive"`` (a request) or ``"batch"`` (the batch job): a
+        worker that frees takes the oldest interactive decode before any batch one.
+        """
+        targets = check_targets(targets)
+        return await self._run(path, job_path, str(path), self.roots, targets, self.max_audio_s, self._tag, lane=lane)
 
-    async def _run(self, display: str, fn: Callable[..., Any], *args: Any) -> DecodedAudio:
+    async def decode_bytes(
+        self, data: bytes, filename: str, targets: Iterable[Target], *, lane: DecodeLane = INTERACTIVE
+    ) -> DecodedAudio:
+        """Decode uploaded bytes in a worker, from memory (``lane`` as for :meth:`decode_path`)."""
+        targets = check_targets(targets)
+        return await self._run(filename, job_bytes, bytes(data), filename, targets, self.max_audio_s, self._tag, lane=lane)
+
+    def lanes_view(self) -> dict[str, dict[str, Any]]:
+        """Per lane: decodes waiting for a worker (``depth``), the oldest one's wait, decodes in the workers."""
+        return self._lanes.view()
+
+    async def _run(self, display: str, fn: Callable[..., Any], *args: Any, lane: DecodeLane = INTERACTIVE) -> DecodedAudio:
         """Decode in a worker; retried once if a worker died.
 
         A dying worker breaks the whole pool, failing every request in flight, not
         just the one that killed it. The retry runs on a fresh pool, so innocent
         requests succeed and only a file that kills its worker twice is an error.
         """
+        lane = check_lane(lane)
         try:
-            return await self._run_once(display, fn, *args)
+            return await self._run_once(lane, display, fn, *args)
         except _WorkerDied:
             log.warning("a decoder process died while decoding %r; retrying it once", display)
         # Retries run one at a time: the file that kills its worker does so again on
         # its retry, and must not take the other requests' retries down with it.
         async with self._retry_lock:
             try:
-                return await self._run_once(display, fn, *args)
+                return await self._run_once(lane, display, fn, *args)
             except _WorkerDied as exc:
                 raise EmbeddError(Code.DECODE_ERROR, exc.message) from None
 
@@ -153,15 +182,18 @@ class AudioDecoder:
         """Decoded audio handed out and not yet released."""
         return self._held.held
 
-    async def _run_once(self, display: str, fn: Callable[..., Any], *args: Any) -> DecodedAudio:
-        async with self._pending:
-            result = await self._submit(display, fn, *args)
+    async def _run_once(self, lane: DecodeLane, display: str, fn: Callable[..., Any], *args: Any) -> DecodedAudio:
+        await self._lanes.start(lane)  # a cancel while waiting here withdraws the decode
+        try:
+            result = await self._submit(lane, display, fn, *args)
             nbytes = result.nbytes
             try:
                 await self._held.acquire(nbytes)
             except BaseException:
                 shm.discard(result)
                 raise
+        finally:
+            self._lanes.admitted()
         release = self._held.releaser(nbytes, asyncio.get_running_loop())
         try:
             audio = shm.receive(result, release)
@@ -171,17 +203,24 @@ class AudioDecoder:
         weakref.finalize(audio, release)  # a caller that forgets release() still gives it back
         return audio
 
-    async def _submit(self, display: str, fn: Callable[..., Any], *args: Any) -> DecodedAudio | shm.ShmResult:
-        if self._closed:
-            raise EmbeddError(Code.CANCELLED, "The audio decoder has been shut down.")
-        pool = self._pool
+    async def _submit(self, lane: DecodeLane, display: str, fn: Callable[..., Any], *args: Any) -> DecodedAudio | shm.ShmResult:
+        """Give the decode to the pool (a worker is free for it); the lane hears when the worker is done."""
+        loop = asyncio.get_running_loop()
         try:
-            cf = pool.submit(fn, *args)
-        except BrokenProcessPool:
-            pool = self._replace_pool(pool)
-            cf = pool.submit(fn, *args)
-        except RuntimeError:  # shut down under us
-            raise EmbeddError(Code.CANCELLED, "The audio decoder has been shut down.") from None
+            if self._closed:
+                raise EmbeddError(Code.CANCELLED, "The audio decoder has been shut down.")
+            pool = self._pool
+            try:
+                cf = pool.submit(fn, *args)
+            except BrokenProcessPool:
+                pool = self._replace_pool(pool)
+                cf = pool.submit(fn, *args)
+            except RuntimeError:  # shut down under us
+                raise EmbeddError(Code.CANCELLED, "The audio decoder has been shut down.") from None
+        except BaseException:
+            self._lanes.finished(lane)
+            raise
+        cf.add_done_callback(lambda _cf: _call_soon(loop, self._lanes.finished, lane))
         try:
             result = await asyncio.wrap_future(cf)
         except asyncio.CancelledError:

@@ -338,7 +338,7 @@ class Run:
         try:
             async with decode_sem:
                 self.progress.current_track = track.display_name
-                audio = await decoder.decode_path(track.path, targets)
+                audio = await decoder.decode_path(track.path, targets, lane="batch")
         except EmbeddError as exc:
             if exc.code is Code.CANCELLED:
                 return None  # shutdown: the track is redone after the restart
