@@ -75,6 +75,7 @@ class Service:
                 cache_dir=str(s.model_cache_dir) if s.model_cache_dir else None,
                 memory_budget=budget,
                 hop_s=s.hop_override(name),
+                chunk_s=s.chunk_override(name),
                 quantize=s.quantize,
             )
             for name in MODEL_NAMES

@@ -241,6 +241,14 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         description="Seconds between MERT's 30 s windows. The contract's 5 s is the default; 15 s costs "
         "a third of the work but changes the vectors (rows are flagged in model_id; rebuild after changing it).",
     )
+    latent_chunk_s: float = Field(
+        default=60.0,
+        ge=5.0,
+        le=60.0,
+        description="Seconds of audio per Music2Latent encoder pass. The package's (and the original system's) 60 s "
+        "is the default; one 60 s pass needs about 7 GB at real size, 10 s about 1.2 GB, but the vectors differ "
+        "(rows are flagged in model_id; rebuild after changing it).",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",
         description="Model arithmetic: auto = fp16 on CUDA, bf16 on CPUs with native bf16 "
@@ -464,7 +472,7 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
     def model_id(self, name: str) -> str:
         """What stored rows record as their model: the source, plus any knob that changes vectors.
 
-        Vectors made with a non-default knob (``mert_hop_s``, ``quantize``) are
+        Vectors made with a non-default knob (``mert_hop_s``, ``latent_chunk_s``, ``quantize``) are
         flagged in their rows' ``model_id`` (``m-a-p/MERT-v1-330M?hop_s=15``,
         ``OpenMuQ/MuQ-MuLan-large?int8``, both: ``...?hop_s=15&int8``), so they are
         never mixed silently with the contract's vectors in one collection.
@@ -472,6 +480,8 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         knobs = []
         if (hop := self.hop_override(name)) is not None:
             knobs.append(f"hop_s={hop:g}")
+        if (chunk := self.chunk_override(name)) is not None:
+            knobs.append(f"chunk_s={chunk:g}")
         if self.quantize != "none":
             knobs.append(self.quantize)
         source = self.model_source(name)
@@ -480,6 +490,10 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
     def hop_override(self, name: str) -> float | None:
         """The window hop a model runs at instead of its contract's, or None (only MERT's is a knob)."""
         return self.mert_hop_s if name == "mert" and self.mert_hop_s != 5.0 else None
+
+    def chunk_override(self, name: str) -> float | None:
+        """Music2Latent's encoder chunk when not the package's 60 s, or None (a memory knob)."""
+        return self.latent_chunk_s if name == "latent" and self.latent_chunk_s != 60.0 else None
 
     def idle_timeout_of(self, name: str) -> float:
         return self.idle_unload_per_model.get(name, self.idle_unload_s)

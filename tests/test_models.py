@@ -559,3 +559,9 @@ def test_int8_quantize_is_refused_off_cpu() -> None:
         quantize_model(torch.nn.Linear(2, 2), "int8", torch.device("cuda"))
     with pytest.raises(ValueError, match="unknown quantize"):
         quantize_model(torch.nn.Linear(2, 2), "int4", torch.device("cpu"))
+
+
+def test_latent_chunk_setting_sets_the_encoders_pass_length():
+    latent = backend_class("latent")
+    assert latent(ModelSpec(source="x", device="cpu")).max_waveform_length == CHUNK_S * 44_100
+    assert latent(ModelSpec(source="x", device="cpu", chunk_s=10.0)).max_waveform_length == 10 * 44_100

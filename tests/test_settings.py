@@ -266,3 +266,15 @@ def test_check_device_refuses_a_gpu_index_torch_does_not_have(monkeypatch):
     assert str(err.value) == (
         "invalid setting --device / EMBEDD_DEVICE: this host has 1 CUDA GPU (cuda:0); use auto or cpu (got 'cuda:1')"
     )
+
+
+def test_latent_chunk_is_the_packages_60_s_by_default_and_flagged_when_smaller():
+    s = build_settings()
+    assert s.latent_chunk_s == 60.0 and s.chunk_override("latent") is None
+    assert s.model_id("latent") == "SonyCSLParis/music2latent"
+    s = build_settings({"latent_chunk_s": "10"})
+    assert s.chunk_override("latent") == 10.0 and s.chunk_override("muq") is None
+    assert s.model_id("latent") == "SonyCSLParis/music2latent?chunk_s=10"
+    assert s.model_id("muq") == "OpenMuQ/MuQ-MuLan-large"
+    with pytest.raises(SettingsInvalid, match="--latent-chunk-s / EMBEDD_LATENT_CHUNK_S"):
+        build_settings({"latent_chunk_s": "2"})

@@ -38,6 +38,7 @@ class ModelSpec:
     memory_budget: int = 2048 << 20  # bytes of activations one forward pass may use (see models.memory)
     hop_s: float | None = None  # windows' hop when not the model's contract (MERT's speed knob)
     quantize: str = "none"  # "none" | "int8": int8 dynamic quantisation of Linear layers (CPU; models.quantize)
+    chunk_s: float | None = None  # Music2Latent's encoder chunk when not the package's 60 s (a memory knob)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -177,9 +177,9 @@ class Music2LatentModel(EmbeddingModel):
 
         self._hop = int(hop)
         self._width_scale = 1.0  # base_channels / stock, set at load
-        # the package's 60 s (see the module docstring); an attribute so that tests can
-        # exercise chunking cheaply
-        self.max_waveform_length = int(CHUNK_S * 44_100)
+        # the package's 60 s (see the module docstring) unless ``latent_chunk_s`` asks for less
+        # memory per pass; an attribute so that tests can exercise chunking cheaply
+        self.max_waveform_length = int((spec.chunk_s or CHUNK_S) * 44_100)
 
     # -- lifecycle ---------------------------------------------------------
     def _checkpoint_path(self) -> str:
