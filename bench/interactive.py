@@ -13,6 +13,9 @@ and the script prints p50/p95/max of each. Then it cancels the job and prints
 the time from ``batch_cancel`` to a text search answered, and (a daemon that
 shows its lanes) to the batch lane idle.
 
+The host: an ffmpeg transcode (Navidrome streaming to a phone) timed alone and
+during a job at ``batch_nice`` 0 and 10.
+
 Throughput with and without bounded passes, in the same run: the same job on
 a fresh daemon with ``--pass-budget-s 1`` (the default) and with
 ``--pass-budget-s 0`` (passes sized by memory alone), tracks/s and audio
@@ -198,6 +201,33 @@ def throughput_phase(args, lib: Library, models: dict[str, str], root: Path) -> 
     return out
 
 
+def host_phase(args, lib: Library, models: dict[str, str], root: Path) -> dict:
+    """Navidrome's own work beside a job: an ffmpeg transcode (what streaming to a phone costs) timed
+    alone, then during a job at ``batch_nice`` 0 and at the default 10."""
+    import subprocess
+
+    source = next(lib.music.rglob("*.flac"))
+
+    def transcode() -> float:
+        return _timed(lambda: subprocess.run(
+            ["ffmpeg", "-v", "error", "-y", "-stream_loop", "3", "-i", str(source), "-c:a", "libmp3lame",
+             "-b:a", "192k", "-f", "null", "-"], check=True))  # fmt: skip
+
+    out = {"alone_s": round(statistics.median(transcode() for _ in range(3)), 3)}
+    for nice in ("0", "10"):
+        d = BenchDaemon(root / f"host-{nice}", lib, models, ["--batch-nice", nice], args.src)
+        d.start(wait=False)
+        d.wait_ready(timeout=300)
+        try:
+            d.ok("batch_start", models=["muq", "mert", "latent"])
+            time.sleep(args.warmup_s)
+            out[f"during a job at batch_nice {nice}_s"] = round(statistics.median(transcode() for _ in range(3)), 3)
+            d.ok("batch_cancel")
+        finally:
+            d.stop(timeout=60)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracks", type=int, default=12, help="tracks in the library")
@@ -224,6 +254,9 @@ def main() -> None:
             tp_lib.add_good(args.tp_tracks, duration_s=args.track_s)
             result["throughput"] = throughput_phase(args, tp_lib, models, root)
             print(json.dumps(result["throughput"], indent=2), flush=True)
+        if args.src is None:
+            result["host"] = host_phase(args, lib, models, root)
+            print(json.dumps({"ffmpeg transcode of a 4 x 30 s file": result["host"]}, indent=2), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
