@@ -53,6 +53,7 @@ from embedd.protocol import DEFAULT_MODEL_PRIORITIES, RecommendArgs, decode_vect
 if TYPE_CHECKING:
     from embedd.service import Service
     from embedd.store import VectorStore
+    from embedd.store.index import ModelIndex
 
 __all__ = [
     "BRIDGE_TRACKS",
@@ -274,6 +275,55 @@ def bridged_vector(seeds: Sequence[SeedVector]) -> np.ndarray | None:
 # ---------------------------------------------------------------- the I/O around it
 
 
+class _Space:
+    """Where one request compares one model's vectors: the in-memory index, or Milvus.
+
+    With the index (:mod:`embedd.store.index`), vectors are the index's unit
+    rows (exact, or projected for a model wider than ``EXACT_MAX_DIM``) and a
+    search is a matrix product; without it (not built yet, over the memory
+    budget, disabled), vectors are the stored ones and searches go to Milvus,
+    batched (one call per model for all the seeds). Cosines, the only thing
+    the ranking uses, are the same either way (approximate for a projected model).
+    One request keeps the spaces it started with.
+    """
+
+    __slots__ = ("index", "model")
+
+    def __init__(self, model: str, index: ModelIndex | None) -> None:
+        self.model, self.index = model, index
+
+    def embed(self, vector: np.ndarray) -> np.ndarray:
+        """A full-width query vector in this space (checked and projected with the index; as is for Milvus)."""
+        return self.index.query(vector) if self.index is not None else np.asarray(vector, dtype=np.float32)
+
+    def get(self, store: VectorStore, track_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        return self.index.get(track_ids) if self.index is not None else store.get_vectors(self.model, track_ids)
+
+    def search(
+        self, store: VectorStore, vectors: Sequence[np.ndarray], k: int, exclude: Iterable[str] = ()
+    ) -> list[list[tuple[str, float]]]:
+        if self.index is not None:
+            return self.index.search(np.stack(vectors), k, exclude) if vectors else []
+        return [[(h.track_id, h.score) for h in hs] for hs in store.search_many(self.model, list(vectors), k, exclude)]
+
+
+def _spaces(store: VectorStore, models: Iterable[str]) -> dict[str, _Space]:
+    """Each model's space for this request (after ``prepare``): its index when one serves the live set."""
+    index = getattr(store, "index", None)
+    out = {}
+    for m in models:
+        held = index.serving(m, store.collections.target(m, None)[1].physical) if index is not None else None
+        out[m] = _Space(m, held)
+    return out
+
+
+def _kick(service: Service, dims: Mapping[str, int]) -> None:
+    """Start building the indexes a request found missing (in the background)."""
+    index = getattr(service.store_io.reader, "index", None)
+    if index is not None:
+        index.kick(service.store_io, dims)
+
+
 @dataclasses.dataclass(eq=False)
 class _Query:
     """A seed as the request gave it, resolved to what each model searches with."""
@@ -346,24 +396,26 @@ async def recommend(service: Service, args: RecommendArgs) -> dict[str, Any]:
     excluded = seed_ids | set(args.exclude_track_ids) | set(args.disliked_track_ids)
     k = neighbours(limit) * (3 if args.library_ids else 1)
 
-    def search(store: VectorStore) -> tuple[dict, dict, dict, dict]:
+    def search(store: VectorStore) -> tuple[dict, dict, dict, dict, dict[str, _Space]]:
         for m in dims:
             service.store_io.prepare(store, m, dims[m], any_dim=True)
+        spaces = _spaces(store, dims)
         # MuQ-space queries that a model of another width needs bridged: one batched MuQ search.
         bridge_queries: list[np.ndarray] = []
         needs_bridge = any(m != TEXT_MODEL for m in models)
         text_qs = [q for q in queries if q.muq is not None]
         if needs_bridge and (text_qs or negatives_muq):
-            bridge_queries = [q.muq for q in text_qs] + list(negatives_muq)
-        bridge_hits = store.search_many(TEXT_MODEL, bridge_queries, BRIDGE_TRACKS) if bridge_queries else []
-        bridge_ids = {h.track_id for hits in bridge_hits for h in hits}
+            bridge_queries = [spaces[TEXT_MODEL].embed(v) for v in [*(q.muq for q in text_qs), *negatives_muq]]
+        bridge_hits = spaces[TEXT_MODEL].search(store, bridge_queries, BRIDGE_TRACKS) if bridge_queries else []
+        bridge_ids = {t for hits in bridge_hits for t, _ in hits}
         track_ids = [q.track_id for q in queries if q.track_id is not None]
         per_model: dict[str, dict[str, tuple[float, str]]] = {}
         negs: dict[str, list[np.ndarray]] = {}
         notes: dict[str, list[str]] = {}
         found: set[str] = set()
         for m in models:
-            stored = store.get_vectors(m, [*track_ids, *(bridge_ids if m != TEXT_MODEL else ())])
+            space = spaces[m]
+            stored = space.get(store, [*track_ids, *(bridge_ids if m != TEXT_MODEL else ())])
             found.update(t for t in track_ids if t in stored)
             seeds: list[SeedVector] = []
             bridged = 0
@@ -372,19 +424,19 @@ async def recommend(service: Service, args: RecommendArgs) -> dict[str, Any]:
                     continue
                 if q.per_model is not None:
                     if m in q.per_model:
-                        seeds.append(SeedVector(q.per_model[m], q.weight, q.reason))
+                        seeds.append(SeedVector(space.embed(q.per_model[m]), q.weight, q.reason))
                 elif q.track_id is not None:
                     if q.track_id in stored:
                         seeds.append(SeedVector(stored[q.track_id], q.weight, q.reason))
                 elif q.vector is not None and q.vector.shape[-1] == dims[m]:
-                    seeds.append(SeedVector(q.vector, q.weight, q.reason))
+                    seeds.append(SeedVector(space.embed(q.vector), q.weight, q.reason))
                 elif q.muq is not None and m != TEXT_MODEL:
                     hits = bridge_hits[text_qs.index(q)] if q in text_qs else []
-                    got = bridge_seeds([(h.track_id, h.score) for h in hits], stored, q.weight, f"{q.reason} via muq")
+                    got = bridge_seeds(hits, stored, q.weight, f"{q.reason} via muq")
                     seeds.extend(got)
                     bridged += bool(got)
                 elif q.muq is not None:
-                    seeds.append(SeedVector(q.muq, q.weight, q.reason))
+                    seeds.append(SeedVector(space.embed(q.muq), q.weight, q.reason))
                 elif q.vector is not None:
                     notes.setdefault(m, []).append(
                         f"seeds[{q.index}]: its embedding has {q.vector.shape[-1]} values; {m} vectors have "
@@ -397,25 +449,26 @@ async def recommend(service: Service, args: RecommendArgs) -> dict[str, Any]:
                 )
             if not seeds:
                 continue
-            hits = store.search_many(m, [s.vector for s in seeds], k, excluded)
-            per_model[m] = model_scores(seeds, [[(h.track_id, h.score) for h in hs] for hs in hits])
+            hits = space.search(store, [s.vector for s in seeds], k, excluded)  # one batched search per model
+            per_model[m] = model_scores(seeds, hits)
             # Negative vectors in this model: given, the MuQ ones themselves, or bridged.
             if m in negatives_given and m != TEXT_MODEL:
-                negs[m] = [v for v in negatives_given[m] if v.shape[-1] == dims[m]]
+                negs[m] = [space.embed(v) for v in negatives_given[m] if v.shape[-1] == dims[m]]
             elif m == TEXT_MODEL:
-                negs[m] = [v for v in negatives_muq if v.shape[-1] == dims[m]]
+                negs[m] = [space.embed(v) for v in negatives_muq if v.shape[-1] == dims[m]]
             elif negatives_muq:
                 offset = len(text_qs)
                 negs[m] = [
                     v
                     for j in range(len(negatives_muq))
                     if (v := bridged_vector(
-                        bridge_seeds([(h.track_id, h.score) for h in bridge_hits[offset + j]], stored, 1.0, "")
+                        bridge_seeds(bridge_hits[offset + j], stored, 1.0, "")
                     )) is not None
                 ]  # fmt: skip
-        return per_model, negs, notes, found
+        return per_model, negs, notes, found, spaces
 
-    per_model, negs, notes, found = await service.store_io.read(search)
+    per_model, negs, notes, found, spaces = await service.store_io.read(search)
+    _kick(service, dims)
     for m in models:
         warnings.extend(notes.get(m, []))
     missing = [q.track_id for q in queries if q.track_id is not None and q.track_id not in found]
@@ -462,7 +515,7 @@ async def recommend(service: Service, args: RecommendArgs) -> dict[str, Any]:
         tops = {
             m: sorted(per_model[m], key=lambda t: (-per_model[m][t][0], t))[:NEGATIVE_POOL] for m in with_negs
         }
-        held = await service.store_io.read(lambda store: {m: store.get_vectors(m, ids) for m, ids in tops.items()})
+        held = await service.store_io.read(lambda store: {m: spaces[m].get(store, ids) for m, ids in tops.items()})
         for m, vs in with_negs.items():
             sims = negative_similarities(held[m], vs)
             per_model[m] = {
@@ -487,7 +540,7 @@ async def recommend(service: Service, args: RecommendArgs) -> dict[str, Any]:
     if args.diversity > 0 and len(ranked) > 1:
         top = ranked[: pool(limit)]
         wanted = {m: [c.track_id for c in top if m in c.models] for m in per_model}
-        vectors = await service.store_io.read(lambda store: {m: store.get_vectors(m, ids) for m, ids in wanted.items()})
+        vectors = await service.store_io.read(lambda store: {m: spaces[m].get(store, ids) for m, ids in wanted.items()})
     chosen = diversify(ranked[: pool(limit)], vectors, args.diversity, limit)
     if len(chosen) < limit:
         warnings.append(f"{len(chosen)} of {limit} tracks: the seeds' neighbourhoods hold no more that pass the filters")
@@ -521,12 +574,15 @@ async def bridged_text_vector(service: Service, model: str, text: str) -> tuple[
     def read(store: VectorStore) -> tuple[np.ndarray | None, list[str]]:
         for m, dim in dims.items():
             service.store_io.prepare(store, m, dim, any_dim=True)
-        hits = store.search_many(TEXT_MODEL, [muq], BRIDGE_TRACKS)[0]
-        stored = store.get_vectors(model, [h.track_id for h in hits])
-        seeds = bridge_seeds([(h.track_id, h.score) for h in hits], stored, 1.0, "")
-        return bridged_vector(seeds), [h.track_id for h in hits if h.track_id in stored]
+        # The stored vectors themselves (not the index's, which may be projected): the answer is a vector.
+        spaces = _spaces(store, [TEXT_MODEL])
+        hits = spaces[TEXT_MODEL].search(store, [spaces[TEXT_MODEL].embed(muq)], BRIDGE_TRACKS)[0]
+        stored = store.get_vectors(model, [t for t, _ in hits])
+        seeds = bridge_seeds(hits, stored, 1.0, "")
+        return bridged_vector(seeds), [t for t, _ in hits if t in stored]
 
     vector, ids = await service.store_io.read(read)
+    _kick(service, dims)
     if vector is None:
         raise EmbeddError(
             Code.UNSUPPORTED,

@@ -27,6 +27,7 @@ from embedd.models.memory import MiB, default_budget_bytes
 from embedd.models.precision import resolve_precision
 from embedd.settings import Settings
 from embedd.store import VectorStore
+from embedd.store.index import VectorIndex, default_cache_bytes
 from embedd.store.io import StoreIO
 
 __all__ = ["Service"]
@@ -57,6 +58,12 @@ class Service:
         self.store_io = StoreIO(
             VectorStore(settings.resolved_milvus_uri), {name: info.collection for name, info in CATALOG.items()}
         )
+        # The recommender's in-memory index: the write lane's store tells it of every write, the read lane searches it.
+        cache_mb = settings.vector_cache_mb
+        self.vector_index = VectorIndex(
+            default_cache_bytes() if cache_mb is None else cache_mb * MiB, refresh_s=settings.vector_cache_refresh_s
+        )
+        self.store_io.store.index = self.store_io.reader.index = self.vector_index
         self._data_lock: int | None = None
         self.batch = BatchManager(settings, store_io=self.store_io, executor=self.executor, library=self.library)
 
@@ -102,6 +109,12 @@ class Service:
             roots=roots, workers=s.decode_workers, max_audio_s=s.max_audio_s, held_bytes=s.decoded_audio_mb * MiB
         )
         await self.batch.start_up(self.decoder)  # resumes an interrupted batch job
+        self.vector_index.start(self.store_io, self._model_dims)  # warms big collections, then refreshes
+
+    async def _model_dims(self) -> dict[str, int]:
+        await self.executor.described()
+        dims = {name: self.executor.model_dim(name) for name in MODEL_NAMES}
+        return {name: dim for name, dim in dims.items() if dim}
 
     def _lock_data_dir(self) -> None:
         """One daemon per data directory: two would share one Milvus Lite file and one job state."""
@@ -137,6 +150,7 @@ class Service:
         def left() -> float:
             return max(0.1, deadline - loop.time())
 
+        await self.vector_index.stop()
         await self.executor.stop(timeout=left() * 0.7)
         if self.decoder is not None:
             await asyncio.to_thread(self.decoder.close, wait=False)

@@ -193,6 +193,18 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         default_factory=list,
         description="Extra directories embed_file may read, comma-separated (the music root is always allowed).",
     )
+    vector_cache_mb: int | None = Field(
+        default=None,
+        ge=0,
+        description="Memory for the recommender's in-memory vector index, in MiB (0 = none: searches go to Milvus; "
+        "default: 1/4 of the host's RAM, at most 8192). A model that does not fit is searched in Milvus.",
+    )
+    vector_cache_refresh_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="On a Milvus server, rebuild the in-memory vector index this often, for tracks written by "
+        "other daemons (0 = never); the daemon's own writes are seen at once.",
+    )
 
     # -- models and the executor ----------------------------------------------
     device: str = Field(

@@ -130,6 +130,10 @@ class VectorStore:
 
     # -- rows ------------------------------------------------------------------------------
 
+    #: The daemon's in-memory vector index (:class:`embedd.store.index.VectorIndex`), told of
+    #: every write this store makes; None (the default): no index.
+    index: Any = None
+
     def upsert(self, model: str, track_rows: list[TrackRow], *, target: RebuildHandle | None = None) -> int:
         """Insert or replace the rows' vectors; returns the number of tracks written.
 
@@ -142,6 +146,8 @@ class VectorStore:
             return 0
         name, layout = self.collections.target(model, target)
         self._write(model, name, layout, track_rows)
+        if self.index is not None:  # the in-memory index of the live set learns the write at once
+            self.index.upserted(model, layout.physical, [r.track_id for r in track_rows], [r.vector for r in track_rows])
         rebuild = self.collections.open_rebuild(model)
         if target is None and rebuild is not None:
             rb_name, rb_layout = self.collections.target(model, rebuild)
@@ -160,6 +166,8 @@ class VectorStore:
             return
         name, layout = self.collections.target(model, target)
         rows.delete(self.milvus, name, layout, ids)
+        if self.index is not None:
+            self.index.deleted(model, layout.physical, ids)
         if target is None:
             # A Milvus 2.3 server answers a delete without a timestamp, so pymilvus's Session
             # read (guaranteed up to this client's last *upsert*) can still return the deleted

@@ -1,0 +1,227 @@
+"""The in-memory vector index (embedd.store.index): exact top-k against numpy brute force, kept current
+by the store's writes, bounded memory, the projection's accuracy, and a build from a real Milvus Lite
+collection through the store's read lane. Seconds, no models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embedd.errors import Code, EmbeddError
+from embedd.store import TrackRow, VectorStore
+from embedd.store.index import EXACT_MAX_DIM, ModelIndex, SignProjection, VectorIndex
+from embedd.store.io import StoreIO
+
+
+def brute(matrix: np.ndarray, ids: list[str], queries: np.ndarray, k: int, exclude=()) -> list[list[tuple[str, float]]]:
+    m = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    sims = q.astype(np.float64) @ m.T.astype(np.float64)
+    out = []
+    for row in sims:
+        order = [i for i in np.argsort(-row, kind="stable") if ids[i] not in exclude][:k]
+        out.append([(ids[i], float(row[i])) for i in order])
+    return out
+
+
+def ready(model: str, dim: int, ids: list[str], vectors: np.ndarray, capacity: int = 16) -> ModelIndex:
+    mi = ModelIndex(model, "phys", dim, capacity)
+    mi.finish_build()
+    mi.put(ids, vectors)
+    return mi
+
+
+def same_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]]) -> None:
+    """Same scores in order (float32 rounding), same ids except among near-ties."""
+    assert len(got) == len(want)
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=2e-5)
+    for (gt, gs), (wt, ws) in zip(got, want):
+        if gt != wt:
+            assert abs(gs - ws) < 2e-5
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    dim=st.sampled_from([3, 8, 64]),
+    nq=st.integers(1, 12),
+    k=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    excl=st.integers(0, 10),
+)
+def test_search_is_brute_force_cosine(n, dim, nq, k, seed, excl):
+    rng = np.random.default_rng(seed)
+    vecs = rng.normal(size=(n, dim)).astype(np.float32)
+    ids = [f"t{i}" for i in range(n)]
+    mi = ready("latent", dim, ids, vecs)
+    queries = rng.normal(size=(nq, dim)).astype(np.float32)
+    exclude = set(rng.choice(ids, min(excl, n), replace=False))
+    got = mi.search(mi.to_space(queries), k, exclude)
+    want = brute(vecs, ids, queries, k, exclude)
+    for g, w in zip(got, want):
+        same_ranking(g, w)
+
+
+def test_chunked_search_matches_one_block(monkeypatch):
+    import embedd.store.index as index
+
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(20_000, 32)).astype(np.float32)
+    ids = [f"t{i}" for i in range(len(vecs))]
+    mi = ready("latent", 32, ids, vecs)
+    q = mi.to_space(rng.normal(size=(5, 32)))
+    whole = mi.search(q, 50)
+    monkeypatch.setattr(index, "CHUNK_FLOATS", 1)  # 4096-row chunks
+    assert [[t for t, _ in hs] for hs in mi.search(q, 50)] == [[t for t, _ in hs] for hs in whole]
+    for g, w in zip(whole, brute(vecs, ids, np.asarray(q), 50)):
+        same_ranking(g, w)
+
+
+@settings(max_examples=30, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["put", "del"]), st.lists(st.integers(0, 40), min_size=1, max_size=8)), max_size=40),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_kept_current_after_upserts_and_deletes(ops, seed):
+    """Any sequence of writes (re-writes, deletes of absent tracks, growth and compaction) leaves exactly the last state."""
+    rng = np.random.default_rng(seed)
+    dim = 6
+    mi = ready("latent", dim, [], np.zeros((0, dim), np.float32))
+    truth: dict[str, np.ndarray] = {}
+    for op, keys in ops:
+        tids = [f"t{k}" for k in keys]
+        if op == "put":
+            vecs = rng.normal(size=(len(tids), dim)).astype(np.float32)
+            mi.put(tids, vecs)
+            for t, v in zip(tids, vecs):
+                truth[t] = v
+        else:
+            mi.remove(tids)
+            for t in tids:
+                truth.pop(t, None)
+    assert len(mi) == len(truth)
+    held = mi.get(list(truth) + ["absent"])
+    assert set(held) == set(truth)
+    for t, v in truth.items():
+        np.testing.assert_allclose(held[t], v / np.linalg.norm(v), atol=1e-6)
+    if truth:
+        ids = list(truth)
+        q = rng.normal(size=(3, dim)).astype(np.float32)
+        for g, w in zip(mi.search(mi.to_space(q), len(ids) + 5), brute(np.stack([truth[t] for t in ids]), ids, q, len(ids) + 5)):
+            same_ranking(g, w)
+
+
+def test_writes_during_a_build_are_replayed_over_it():
+    mi = ModelIndex("latent", "phys", 4, 16)
+    mi.put(["a", "b"], np.eye(4, dtype=np.float32)[:2])  # logged: the build has not finished
+    mi.remove(["c"])
+    mi.put(["c", "b", "d"], np.eye(4, dtype=np.float32)[[2, 3, 3]], from_build=True)  # the scan's (older) rows
+    mi.finish_build()
+    got = mi.get(["a", "b", "c", "d"])
+    assert set(got) == {"a", "b", "d"}  # c deleted during the build; b as written during it
+    np.testing.assert_array_equal(got["b"], np.eye(4, dtype=np.float32)[1])
+
+
+def test_memory_is_bounded_by_the_budget():
+    mi_bytes = ModelIndex.bytes_for(1000, 64)
+    vi = VectorIndex(mi_bytes * 3)
+    mi = ModelIndex("latent", "phys", 64, 1000)
+    mi.may_grow = lambda extra: vi.held_bytes() + extra <= vi.budget
+    mi.finish_build()
+    with vi._lock:
+        vi._serving["latent"] = mi
+    rng = np.random.default_rng(0)
+    for start in range(0, 6000, 500):
+        vi.upserted("latent", "phys", [f"t{start + i}" for i in range(500)], rng.normal(size=(500, 64)))
+        assert vi.held_bytes() <= vi.budget
+    # It outgrew the budget: dropped, and its searches go to Milvus from now on.
+    assert vi.serving("latent", "phys") is None and vi.held_bytes() == 0
+    assert vi.view()["latent"]["state"] == "over budget"
+
+
+def test_other_collections_and_disabled_index_are_ignored():
+    vi = VectorIndex(0)
+    assert not vi.enabled and vi.serving("muq", "x") is None
+    vi = VectorIndex(1 << 30)
+    mi = ready("latent", 4, ["a"], np.ones((1, 4), np.float32))
+    vi._serving["latent"] = mi
+    vi.upserted("latent", "a_rebuild_collection", ["b"], np.ones((1, 4)))
+    vi.deleted("latent", "a_rebuild_collection", ["a"])
+    assert set(mi.get(["a", "b"])) == {"a"}
+    assert vi.serving("latent", "phys") is mi
+    assert vi.serving("latent", "the_new_live_set") is None  # a committed rebuild: rebuilt, Milvus meanwhile
+
+
+def test_query_vectors_are_checked_like_milvus_does():
+    mi = ready("latent", 4, ["a"], np.ones((1, 4), np.float32))
+    for bad in (np.zeros(4), np.ones(5), np.array([1.0, np.nan, 0, 0])):
+        with pytest.raises(EmbeddError) as err:
+            mi.query(bad)
+        assert err.value.code is Code.BAD_REQUEST
+
+
+def test_projection_is_fixed_and_keeps_cosines():
+    """MERT-wide vectors: the same projection in every process; cosines within about (1 - c^2) / sqrt(width)."""
+    dim, width = 76_800, 1024
+    a, b = SignProjection(dim, width, 7), SignProjection(dim, width, 7)
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(1, dim)).astype(np.float32)
+    x = np.concatenate([base + s * rng.normal(size=(1, dim)).astype(np.float32) for s in (0.3, 0.7, 1.0, 2.0, 5.0)])
+    np.testing.assert_array_equal(a(x), b(x))
+    assert ModelIndex("mert", "phys", dim, 100).exact  # a handful of tracks: held exactly
+    mi = ModelIndex("mert", "phys", dim, 1000)
+    assert not mi.exact and mi.width == width and dim > EXACT_MAX_DIM
+    true = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (base / np.linalg.norm(base)).T
+    approx = mi.to_space(x) @ mi.to_space(base).T
+    assert np.max(np.abs(true - approx)) < 4 * np.max(1 - true**2) / np.sqrt(width) + 1e-3
+
+
+def test_built_from_milvus_lite_and_kept_current_by_the_store(tmp_path):
+    """A real Lite collection: the index builds through the read lane, then the store's writes land in it."""
+
+    async def main() -> None:
+        store = VectorStore(str(tmp_path / "milvus.db"))
+        io = StoreIO(store, {"latent": "embedd_latent_test"})
+        vi = VectorIndex(64 << 20)
+        store.index = io.reader.index = vi
+        rng = np.random.default_rng(5)
+        vecs = rng.normal(size=(300, 576)).astype(np.float32)
+
+        def row(i: int, v: np.ndarray) -> TrackRow:
+            return TrackRow(track_id=f"t{i}", vector=v, path=f"/m/{i}.flac", title="", artist="", album="",
+                            duration_s=1.0, model_id="x", file_size=1, file_mtime=1.0, embedded_at=1.0)  # fmt: skip
+
+        def write(s: VectorStore) -> None:
+            s.ensure("latent", "embedd_latent_test", 576)
+            s.upsert("latent", [row(i, v) for i, v in enumerate(vecs)])
+
+        await io.call(write)
+        physical = await io.read(lambda s: (io.prepare(s, "latent", 576, any_dim=True), s.layout("latent").physical)[1])
+        assert await io.read(lambda s: vi.serving("latent", physical)) is None  # not built yet: wanted
+        vi.kick(io, {"latent": 576})
+        for _ in range(200):
+            if vi.serving("latent", physical) is not None:
+                break
+            await asyncio.sleep(0.05)
+        mi = vi.serving("latent", physical)
+        assert mi is not None and len(mi) == 300 and mi.exact
+        ids = [f"t{i}" for i in range(300)]
+        q = vecs[:4]
+        milvus = await io.read(lambda s: s.search_many("latent", list(q), 10))
+        for g, hs in zip(mi.search(mi.to_space(q), 10), milvus):
+            same_ranking(g, [(h.track_id, h.score) for h in hs])
+        for g, w in zip(mi.search(mi.to_space(q), 10), brute(vecs, ids, q, 10)):
+            same_ranking(g, w)
+        # The daemon's own writes: seen at once.
+        new = rng.normal(size=(1, 576)).astype(np.float32)
+        await io.call(lambda s: s.upsert("latent", [row(999, new[0])]))
+        assert mi.search(mi.to_space(new), 1)[0][0][0] == "t999"
+        await io.call(lambda s: s.delete("latent", ["t999", "t0"]))
+        assert "t999" not in mi.get(["t999"]) and len(mi) == 299
+        assert all(t != "t0" for t, _ in mi.search(mi.to_space(vecs[:1]), 5)[0])
+        await io.close(10.0)
+
+    asyncio.run(main())
