@@ -132,9 +132,12 @@ func TestOps(t *testing.T) {
 		}
 		for name, w := range want {
 			m, ok := status.Models[name]
-			if !ok || m.Collection != w.collection || m.Text != w.text || m.Dim <= 0 {
+			if !ok || m.Collection != w.collection || m.Text != w.text || m.Dim <= 0 || m.State == "" {
 				t.Fatalf("model %s: %+v", name, m)
 			}
+		}
+		if status.Executor == nil || len(status.Executor.Lanes) != 2 || status.Executor.Lanes["batch"].Nice < 0 {
+			t.Fatalf("executor: %+v", status.Executor)
 		}
 		if status.Version == "" || status.Device == "" || status.Milvus.URI == "" || status.Queue.Interactive < 0 || status.Queue.Batch < 0 {
 			t.Fatalf("status: %+v", status)

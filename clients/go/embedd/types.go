@@ -24,11 +24,49 @@ type PingResult struct {
 
 // ModelStatus describes one model in Status.
 type ModelStatus struct {
-	Loaded     bool     `msgpack:"loaded"`
-	IdleS      *float64 `msgpack:"idle_s"` // nil when not loaded
+	Loaded bool `msgpack:"loaded"`
+	// State is "unloaded", "loading", "idle" or "running".
+	State string `msgpack:"state"`
+	// Running lists the lanes ("interactive", "batch") inside the model now.
+	Running []string `msgpack:"running"`
+	// Pinned is true while the running batch job uses the model: it is never idle-unloaded.
+	Pinned     bool     `msgpack:"pinned"`
+	IdleS      *float64 `msgpack:"idle_s"` // nil unless loaded and idle
 	Dim        int      `msgpack:"dim"`
 	Collection string   `msgpack:"collection"`
 	Text       bool     `msgpack:"text"`
+	// Error is the last load error, while the model cannot be loaded.
+	Error *string `msgpack:"error"`
+}
+
+// PassStatus is one forward pass of a lane: in flight (AgeS set) or done (Seconds set).
+type PassStatus struct {
+	Lane       string   `msgpack:"lane"`
+	Model      string   `msgpack:"model"`
+	Items      int      `msgpack:"items"`
+	AgeS       *float64 `msgpack:"age_s"`
+	Seconds    *float64 `msgpack:"seconds"`
+	StartedSeq int64    `msgpack:"started_seq"`
+	EndedSeq   *int64   `msgpack:"ended_seq"`
+}
+
+// LaneStatus is one executor lane: its queue, its pass in flight, how it shares the CPU.
+type LaneStatus struct {
+	Depth       int         `msgpack:"depth"`
+	OldestWaitS *float64    `msgpack:"oldest_wait_s"`
+	Pass        *PassStatus `msgpack:"pass"`
+	Yielding    bool        `msgpack:"yielding"` // waiting at a pass boundary for interactive work
+	Threads     *int        `msgpack:"threads"`
+	Nice        int         `msgpack:"nice"`
+	PassBudgetS *float64    `msgpack:"pass_budget_s"`
+	Dropped     int64       `msgpack:"dropped"`
+	Overloaded  int64       `msgpack:"overloaded"`
+}
+
+// ExecutorStatus is the model executor's two lanes ("interactive", "batch").
+type ExecutorStatus struct {
+	Lanes map[string]LaneStatus `msgpack:"lanes"`
+	Seq   int64                 `msgpack:"seq"`
 }
 
 // QueueStatus is the depth of the daemon's work queues.
@@ -50,7 +88,9 @@ type StatusResult struct {
 	Models  map[string]ModelStatus `msgpack:"models"`
 	Batch   *Progress              `msgpack:"batch"` // nil when no job has run
 	Queue   QueueStatus            `msgpack:"queue"`
-	Milvus  MilvusStatus           `msgpack:"milvus"`
+	// Executor is nil from a daemon older than the lanes.
+	Executor *ExecutorStatus `msgpack:"executor"`
+	Milvus   MilvusStatus    `msgpack:"milvus"`
 }
 
 // EmbedFileRequest asks for the embeddings of one audio file. Give exactly
