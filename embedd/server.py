@@ -30,6 +30,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedd.admission import Admission
 from embedd.errors import Code, EmbeddError, StartupError
 from embedd.http.context import HttpContext
 from embedd.lockfile import take_lock
@@ -377,7 +378,9 @@ class Server:
     def __init__(self, settings: Settings, service: Service | None = None) -> None:
         self.settings = settings
         self.service = service or Service(settings)
-        self.ops: dict[str, Handler] = build_handlers(self.service)  # what each op does
+        # One bound on the work admitted, for the socket and HTTP alike (embedd.admission).
+        self.admission = Admission.from_settings(settings)
+        self.ops: dict[str, Handler] = self.admission.wrap(build_handlers(self.service))  # what each op does
         self.metrics = Metrics(self.service)
         self.handlers: dict[str, Handler] = self.metrics.instrument(self.ops)  # what clients reach: counted
         self._http: HttpSite | None = None
@@ -410,7 +413,7 @@ class Server:
         if (address := self.settings.http_address) is not None:
             from embedd.http.site import HttpSite  # aiohttp only when HTTP is on
 
-            ctx = HttpContext(self.settings, self.service, self.handlers, self.ops, self.metrics)
+            ctx = HttpContext(self.settings, self.service, self.handlers, self.ops, self.metrics, self.admission)
             self._http = HttpSite(address, ctx)
             self._http.open()
         await self.service.start()

@@ -334,6 +334,19 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         ge=1,
         description="Requests one connection may have in progress before the daemon stops reading it.",
     )
+    # Admission (embedd.admission): socket and HTTP requests together.
+    max_inflight_requests: int = Field(
+        default=64,
+        ge=1,
+        description="Requests doing work (embed_file, embed_text, search, recommend) in progress at once, "
+        "socket and HTTP together; more are answered 'overloaded' before any work is done.",
+    )
+    max_inflight_mb: int = Field(
+        default=256,
+        ge=1,
+        description="Request data (embed_file uploads) the requests in progress may hold at once, in MiB; "
+        "more is answered 'overloaded' (one larger request still runs alone).",
+    )
     idle_timeout_s: float = Field(
         default=600.0,
         gt=0,

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
+from embedd.admission import Admission
 from embedd.errors import EmbeddError
 from embedd.metrics import Metrics
 from embedd.protocol import Handler, Request, parse_request
@@ -30,6 +31,7 @@ class HttpContext:
     handlers: dict[str, Handler]  # counted: what clients reach
     ops: dict[str, Handler]  # the same handlers, uncounted: for routes that count themselves
     metrics: Metrics
+    admission: Admission | None = None  # the ops are admitted; a route running several ops holds one permit
     streams: set[asyncio.Task] = dataclasses.field(default_factory=set)  # open NDJSON streams
     stopping: bool = False
 

@@ -5,8 +5,9 @@ plugin calls ``/api/similar_tracks``, ``/api/find_path`` and
 ``/api/similar_artists`` and reads AudioMuse-AI's JSON. These routes answer
 the same shapes, so that plugin works against embedd unchanged. Every
 neighbour search is the ``search`` op itself (run through the raw op table:
-the route is counted once, under its own name); only ``find_path`` reads
-stored vectors directly, to walk between two of them.
+the route is counted once, under its own name, and admitted once: one
+permit of :mod:`embedd.admission` for the whole route); only ``find_path``
+reads stored vectors directly, to walk between two of them.
 
 Distances are ``1 - cosine similarity`` (AudioMuse-AI's convention), best first.
 """
@@ -14,6 +15,7 @@ Distances are ``1 - cosine similarity`` (AudioMuse-AI's convention), best first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -46,11 +48,15 @@ Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def routes(ctx: HttpContext) -> list[web.RouteDef]:
     def counted(op: str, fn: Route) -> Route:
+        # One admission permit for the route, taken before any work: the searches it runs take none.
+        hold = ctx.admission.hold if ctx.admission is not None else (lambda _what: contextlib.nullcontext())
+
         async def route(request: web.Request) -> web.StreamResponse:
             start = time.perf_counter()
             code = "ok"
             try:
-                return await fn(request)
+                with hold(op):
+                    return await fn(request)
             except (Exception, asyncio.CancelledError) as exc:
                 code = outcome_code(exc)
                 raise
