@@ -169,6 +169,28 @@ async def test_a_write_waits_for_reads_between_its_upserts(io: StoreIO, monkeypa
     assert await io.read(lambda s: s.count("muq")) == 23
 
 
+async def test_a_background_read_does_not_hold_writes(io: StoreIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read nobody waits for (an index built page by page) runs beside writes without holding them."""
+    monkeypatch.setattr(store_io_module, "READS_FIRST_MAX_S", HELD_S)
+    monkeypatch.setattr(store_rows, "WRITE_BYTES", 1)
+    await _fill(io)
+    entered, release = threading.Event(), threading.Event()
+
+    def held_read(store: VectorStore) -> int:
+        entered.set()
+        assert release.wait(HELD_S)
+        return store.count("muq")
+
+    read = asyncio.ensure_future(io.read(held_read, background=True))
+    assert await asyncio.to_thread(entered.wait, HELD_S)
+    try:
+        assert await io.call(lambda s: s.upsert("muq", _rows(3, start=500))) == 3  # while the read is still held
+        assert not read.done()
+    finally:
+        release.set()
+    assert await read == 23
+
+
 async def test_a_read_opening_a_collection_does_not_deadlock_with_a_waiting_write(
     io: StoreIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:

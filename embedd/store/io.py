@@ -20,13 +20,14 @@ beside an upsert shares the one interpreter with it (the GIL) and takes about
 twice as long. So writes are upserted a few MB at a time
 (:data:`~embedd.store.rows.WRITE_BYTES`), and before each upsert a write waits
 while reads are queued or running (at most :data:`READS_FIRST_MAX_S` at a
-time, so that the batch job still moves under a steady stream of reads). On a
+time, so that the batch job still moves under a steady stream of reads; reads
+nobody waits for, ``read(..., background=True)``, do not hold writes). On a
 2-core CPU, during back-to-back 32-track MERT upserts, this brings a search by
 stored track on Lite from about 1 s at the median (one lane) to near its idle
 time (``bench/store_reads.py``).
 
 The read lane never opens a collection itself. :meth:`StoreIO.prepare` on the
-read lane asks the write lane to open it (once per model and width), and the
+read lane asks the write lane to open one it has not opened yet, and the
 read lane's store follows what the write lane knows of each collection (its
 address, layout, and whether the next read must be Strong; see
 :meth:`~embedd.store.collections.Collections.hand_over`), taken after every
@@ -75,26 +76,31 @@ _tokens = itertools.count()
 class _Lane:
     """One store thread and what waits for it (depth and oldest wait, for ``status``)."""
 
-    __slots__ = ("name", "_blocked", "_lock", "_pool", "_running_since", "_waiting")
+    __slots__ = ("name", "_blocked", "_lock", "_pool", "_running_since", "_running_urgent", "_waiting")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embedd-store-{name}")
         self._lock = threading.Condition()
-        self._waiting: dict[int, float] = {}  # job -> when it was queued (monotonic)
+        self._waiting: dict[int, tuple[float, bool]] = {}  # job -> (when it was queued (monotonic), urgent)
         self._running_since: float | None = None
+        self._running_urgent = False
         self._blocked = False  # the job running waits for the other lane (see StoreIO.prepare)
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
-        """Queue ``fn(*args)`` on this lane's thread; from any thread. A cancelled future never runs."""
+    def submit(self, fn: Callable[..., T], *args: Any, urgent: bool = True) -> concurrent.futures.Future[T]:
+        """Queue ``fn(*args)`` on this lane's thread; from any thread. A cancelled future never runs.
+
+        ``urgent``: someone waits for it (:meth:`wait_idle` waits for urgent jobs only).
+        """
         token = next(_tokens)
         with self._lock:
-            self._waiting[token] = time.monotonic()
+            self._waiting[token] = (time.monotonic(), urgent)
 
         def job() -> T:
             with self._lock:
                 self._waiting.pop(token, None)
                 self._running_since = time.monotonic()
+                self._running_urgent = urgent
             try:
                 return fn(*args)
             finally:
@@ -116,9 +122,14 @@ class _Lane:
                 self._lock.notify_all()
 
     def wait_idle(self, timeout: float) -> None:
-        """Block (another thread) until nothing runs or waits here, or the job running waits for that thread."""
+        """Block (another thread) until no urgent job runs or waits here, or the job running waits for that thread."""
+
+        def idle() -> bool:
+            running = self._running_since is not None and self._running_urgent
+            return self._blocked or not (running or any(urgent for _, urgent in self._waiting.values()))
+
         with self._lock:
-            self._lock.wait_for(lambda: self._blocked or (not self._waiting and self._running_since is None), timeout)
+            self._lock.wait_for(idle, timeout)
 
     @contextlib.contextmanager
     def blocked(self) -> Iterator[None]:
@@ -132,14 +143,14 @@ class _Lane:
             with self._lock:
                 self._blocked = False
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = True) -> T:
         """``fn(*args)`` on this lane's thread; cancelling the awaiting task withdraws it if it has not started."""
-        return await asyncio.wrap_future(self.submit(fn, *args))
+        return await asyncio.wrap_future(self.submit(fn, *args, urgent=urgent))
 
     def view(self) -> dict[str, Any]:
         now = time.monotonic()
         with self._lock:
-            queued = list(self._waiting.values())
+            queued = [since for since, _ in self._waiting.values()]
             running = self._running_since
         return {
             "depth": len(queued),
@@ -185,13 +196,15 @@ class StoreIO:
         self._ok_at = time.monotonic()  # any answer from Milvus says it is up
         return result
 
-    async def read(self, fn: Callable[[VectorStore], T]) -> T:
+    async def read(self, fn: Callable[[VectorStore], T], *, background: bool = False) -> T:
         """Run a read-only ``fn(store)`` (search, fetch of stored vectors) on the read lane: never queued behind writes.
 
         ``fn`` may call :meth:`prepare`; it must not write (the read lane's store
         follows the write lane's view of the collections and never changes them).
+        ``background``: nobody waits for this read (an index being built page by
+        page): writes do not wait for it between their upserts.
         """
-        result = await self._read.run(self._reading, fn)
+        result = await self._read.run(self._reading, fn, urgent=not background)
         self._ok_at = time.monotonic()
         return result
 
