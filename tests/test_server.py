@@ -128,12 +128,18 @@ def test_ping_shape(shared_daemon):
 
 def test_status_shape(shared_daemon):
     r = shared_daemon.call("status")["result"]
-    assert set(r) == {"version", "device", "models", "batch", "queue", "milvus", "legacy_collections"}
+    assert {"version", "device", "models", "batch", "queue", "executor", "milvus", "legacy_collections"} <= set(r)
     assert r["device"] == "cpu"
     assert set(r["models"]) == {"muq", "mert", "latent"}
     for name, m in r["models"].items():
-        assert set(m) == {"loaded", "idle_s", "dim", "collection", "text", "error"}
+        assert set(m) == {"loaded", "state", "running", "pinned", "idle_s", "dim", "collection", "text", "error"}
         assert m["loaded"] is False and m["idle_s"] is None and m["error"] is None
+        assert m["state"] == "unloaded" and m["running"] == [] and m["pinned"] is False
+    lanes = r["executor"]["lanes"]
+    assert set(lanes) == {"interactive", "batch"}
+    for lane in lanes.values():
+        assert lane["depth"] == 0 and lane["oldest_wait_s"] is None and lane["pass"] is None
+    assert lanes["batch"]["nice"] == 10 and lanes["batch"]["pass_budget_s"] == 1.0 and lanes["interactive"]["nice"] == 0
     assert r["models"]["muq"]["text"] is True and r["models"]["mert"]["text"] is False
     assert r["models"]["mert"]["collection"] == "mert_embedding"
     assert r["queue"] == {"interactive": 0, "batch": 0}
@@ -142,8 +148,8 @@ def test_status_shape(shared_daemon):
 
 
 def test_unload_with_nothing_loaded(shared_daemon):
-    assert shared_daemon.call("unload")["result"] == {"unloaded": []}
-    assert shared_daemon.call("unload", model="mert")["result"] == {"unloaded": []}
+    assert shared_daemon.call("unload")["result"] == {"unloaded": [], "kept": {}}
+    assert shared_daemon.call("unload", model="mert")["result"] == {"unloaded": [], "kept": {}}
     r = shared_daemon.call("unload", model="nope")
     assert r["error"]["code"] == "bad_request"
 
