@@ -636,6 +636,24 @@ class NavidromeLibrary:
             roots = await self._roots(db, schema)
         return self._track(tuple(rows[0]), roots, schema)
 
+    async def tracks_by_ids(self, track_ids: list[str]) -> list[Track]:
+        """The present (not missing) tracks among ``track_ids``, in id order; one read per 500 ids."""
+        ids = sorted(set(track_ids))
+        out: list[Track] = []
+        if not ids:
+            return out
+        async with self._connect() as (db, schema):
+            filt, _ = self._filters(schema, None)
+            roots = await self._roots(db, schema)
+            for start in range(0, len(ids), _IN_BATCH):
+                batch = ids[start : start + _IN_BATCH]
+                sql = f"{self._select(schema)} WHERE id IN ({', '.join('?' * len(batch))}){filt} ORDER BY id"
+                for row in await self._fetchall(db, sql, tuple(batch)):
+                    track = self._track(tuple(row), roots, schema)
+                    if track is not None:
+                        out.append(track)
+        return out
+
     async def identify(self, stored: list[tuple[str, str]]) -> dict[str, Identity]:
         """Navidrome's current id and MusicBrainz id of stored tracks, given as (stored id, stored path).
 

@@ -202,6 +202,7 @@ class _ServiceCollector(Collector):
         yield running
         yield from _lane_families(executor)
 
+        yield from _watch_families(self._service.watch_view())
         progress = self._service.batch.progress.view()
         for key, text in (
             ("total_tracks", "Tracks in the latest batch job's library (shard)."),
@@ -215,6 +216,38 @@ class _ServiceCollector(Collector):
         for name in MODEL_NAMES:
             audio.add_metric([name], float(seconds.get(name, 0.0)))
         yield audio
+
+
+def _watch_families(view: dict[str, Any] | None) -> Iterator[Any]:
+    """The library watcher (automatic jobs): when it last saw the library, what is pending, why it waits."""
+    if view is None:
+        return
+    yield GaugeMetricFamily("embedd_library_watch_enabled", "1 while the library watcher may start automatic jobs.",
+                            value=1.0 if view["enabled"] else 0.0)  # fmt: skip
+    yield GaugeMetricFamily(
+        "embedd_library_watch_last_seen_timestamp_seconds", "When the watcher last read Navidrome's database (0: never).",
+        value=view["last_seen_at"] or 0.0,
+    )
+    pending = GaugeMetricFamily("embedd_library_watch_pending_tracks", "Changed tracks waiting for an automatic job.", labels=["kind"])
+    for kind, n in view["pending"].items():
+        pending.add_metric([kind], n)
+    yield pending
+    yield GaugeMetricFamily(
+        "embedd_library_watch_next_job_timestamp_seconds", "When the next automatic job may start (0: none due).",
+        value=view["next_job_at"] or 0.0,
+    )
+    waiting = GaugeMetricFamily("embedd_library_watch_waiting", "1 for why pending tracks wait now.", labels=["reason"])
+    if view["waiting"]:
+        waiting.add_metric([view["waiting"].split(":")[0]], 1.0)
+    yield waiting
+    yield GaugeMetricFamily("embedd_library_watch_scan_in_progress", "1 while Navidrome scans.", value=float(view["scan_in_progress"]))
+    yield GaugeMetricFamily("embedd_library_watch_held_missing_tracks", "Missing tracks whose vectors are kept.", value=view["held_missing"])
+    yield CounterMetricFamily("embedd_library_watch_auto_jobs", "Automatic jobs started.", value=view["auto_jobs"])
+    yield GaugeMetricFamily(
+        "embedd_library_watch_poll_rows_read", "Rows the last poll read from Navidrome's database (a diff's included).",
+        value=view["last_poll"]["rows_read"] + view["last_poll"]["diff_rows_read"],
+    )
+    yield GaugeMetricFamily("embedd_library_watch_poll_seconds", "How long the last poll took.", value=view["last_poll"]["duration_s"])
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Any) -> None:

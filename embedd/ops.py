@@ -57,6 +57,7 @@ def build_handlers(service: Service) -> dict[str, Handler]:
             "executor": service.executor.lanes_view(),
             "milvus": {"uri": service.settings.resolved_milvus_uri, "ok": await service.store_io.ok()},
             "legacy_collections": await service.store_io.legacy_view(),
+            "library_watch": service.watch_view(),
         }
 
     async def unload(args: UnloadArgs) -> dict:

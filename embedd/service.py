@@ -17,6 +17,7 @@ from pathlib import Path
 from embedd import __version__
 from embedd.audio import AudioDecoder
 from embedd.batch.manager import BatchManager
+from embedd.batch.watch import WATCH_FILE, LibraryWatcher, NavidromeProbe, Snapshot, WatchConfig, models_with_vectors
 from embedd.errors import EmbeddError, StartupError
 from embedd.executor import Executor, Lane, LaneSettings, ModelRegistry
 from embedd.library import NavidromeLibrary, require_library
@@ -66,6 +67,7 @@ class Service:
         self.store_io.store.index = self.store_io.reader.index = self.vector_index
         self._data_lock: int | None = None
         self.batch = BatchManager(settings, store_io=self.store_io, executor=self.executor, library=self.library)
+        self.watch: LibraryWatcher | None = None  # the library watcher, once started (needs the library)
 
     def _build_registry(self, device: str) -> ModelRegistry:
         """Runs on the executor thread once the device is known."""
@@ -109,6 +111,7 @@ class Service:
             roots=roots, workers=s.decode_workers, max_audio_s=s.max_audio_s, held_bytes=s.decoded_audio_mb * MiB
         )
         await self.batch.start_up(self.decoder)  # resumes an interrupted batch job
+        self._start_watch()
         self.vector_index.start(self.store_io, self._model_dims)  # warms big collections, then refreshes
 
     async def _model_dims(self) -> dict[str, int]:
@@ -134,8 +137,27 @@ class Service:
                 log.warning("cannot read the library roots from Navidrome's database: %s", exc.message)
         return list(dict.fromkeys(roots))
 
+    def _start_watch(self) -> None:
+        """The library watcher (automatic jobs), when there is a library; its view shows 'off' when disabled."""
+        if self.library is None:
+            return
+        self.watch = LibraryWatcher(
+            WatchConfig.from_settings(self.settings),
+            probe=NavidromeProbe(self.library.db_path),
+            snapshot=Snapshot(self.settings.data_dir / WATCH_FILE),
+            jobs=self.batch,
+            models_with_vectors=lambda: models_with_vectors(self.store_io, self._model_dims),
+        )
+        self.batch.watch_view = self.watch.view
+        self.watch.start()
+
+    def watch_view(self) -> dict | None:
+        return self.watch.view() if self.watch is not None else None
+
     async def quiesce(self) -> None:
         """Stop taking new work that outlives a request (the batch job), keeping its state consistent."""
+        if self.watch is not None:
+            await self.watch.stop()
         await self.batch.quiesce()
 
     async def stop(self, timeout: float) -> None:

@@ -389,6 +389,32 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         description="How long a batch job keeps retrying an unreachable Milvus before it fails.",
     )
 
+    # -- the library watcher (embedd.batch.watch) --------------------------------
+    watch: bool = Field(
+        default=True,
+        description="Watch Navidrome's database and embed added and changed tracks, and drop removed ones, "
+        "by themselves (automatic jobs); --no-watch turns it off.",
+    )
+    watch_poll_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between looks at Navidrome's database (a look reads one row per library).",
+    )
+    watch_quiet_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="An automatic job starts once the library has been quiet this long: no scan running, "
+        "none finished and no new change seen.",
+    )
+    watch_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models automatic jobs keep current, comma-separated (default: those with vectors stored already).",
+    )
+    watch_hours: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Local time windows when automatic jobs may start, e.g. 01:00-07:00,13:00-14:00 (default: any time).",
+    )
+
     # -- validation -----------------------------------------------------------
     @field_validator("socket_mode", mode="before")
     @classmethod
@@ -400,7 +426,7 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
                 raise ValueError(f"{value!r} is not an octal permission mode like 0660") from None
         return value
 
-    @field_validator("allowed_roots", "preload", mode="before")
+    @field_validator("allowed_roots", "preload", "watch_models", "watch_hours", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
@@ -418,7 +444,15 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
             return pairs
         return value
 
-    @field_validator("preload")
+    @field_validator("watch_hours")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        from embedd.batch.watch import parse_windows  # the one parser of the format
+
+        parse_windows(value)
+        return value
+
+    @field_validator("preload", "watch_models")
     @classmethod
     def _known_models(cls, value: list[str]) -> list[str]:
         for name in value:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Coroutine
+from typing import Any, AsyncIterator, Callable, Coroutine, Sequence
 
 from embedd.audio import AudioDecoder
 from embedd.batch.progress import Progress
@@ -46,6 +46,8 @@ class BatchManager:
         self._op_lock = asyncio.Lock()
         self._startup_error: str | None = None
         self._background: set[asyncio.Task] = set()
+        #: The library watcher's view (:mod:`embedd.batch.watch`), shown by ``batch_progress``; None: no watcher.
+        self.watch_view: Callable[[], dict[str, Any]] | None = None
 
     # ---- lifecycle
     async def start_up(self, decoder: AudioDecoder) -> None:
@@ -108,13 +110,55 @@ class BatchManager:
     def handlers(self) -> dict[str, Handler]:
         return {
             "batch_start": Handler(self._op_start),
-            "batch_progress": Handler(lambda _args: self.progress.view(), inline=True),
+            "batch_progress": Handler(lambda _args: self._progress_with_watch(), inline=True),
             "batch_watch": Handler(self._op_watch, streaming=True),
             "batch_cancel": Handler(self._op_cancel),
             "batch_pause": Handler(self._op_pause),
             "batch_resume": Handler(self._op_resume),
             "batch_failures": Handler(self._op_failures),
         }
+
+    def _progress_with_watch(self) -> dict[str, Any]:
+        view = self.progress.view()
+        if self.watch_view is not None:
+            view["library_watch"] = self.watch_view()
+        return view
+
+    @property
+    def active_job(self) -> Job | None:
+        """The running, paused or cancelling job, if any (an automatic job waits for it)."""
+        job = self.progress.job
+        return job if job is not None and job.active else None
+
+    async def start_auto(self, models: Sequence[str], scope: Sequence[str]) -> Job:
+        """Start an automatic job over ``scope`` (the library watcher's); ``busy`` while a job is active.
+
+        The same run as ``batch_start`` without ``clear_existing``: batch lane, the
+        same settings, pause and cancel; only the tracks of ``scope`` are looked at.
+        """
+        async with self._op_lock:
+            jobs = self._require_jobs()
+            current = self.progress.job
+            if current is not None and current.active:
+                raise EmbeddError(Code.BUSY, f"batch job {current.job_id} is {current.status.value}.")
+            job = await asyncio.to_thread(
+                jobs.create_job, models=list(models), total_tracks=len(scope), trigger="auto", scope=list(scope)
+            )
+            self.progress.job = job
+            self.progress.new_run()
+            log.info("automatic batch job %s started: %d changed tracks, models %s", job.job_id, len(scope), ",".join(job.models))
+            self._launch(job)
+            self.progress.bump()
+            return job
+
+    async def finished_job(self, job_id: str) -> Job | None:
+        """A job's row as last written (the watcher asks how its job ended)."""
+        if self._jobs is None:
+            return None
+        current = self.progress.job
+        if current is not None and current.job_id == job_id:
+            return current
+        return await asyncio.to_thread(self._jobs.get_job, job_id)
 
     # ---- ops
     def _require_jobs(self) -> JobStore:

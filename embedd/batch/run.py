@@ -47,7 +47,7 @@ import dataclasses
 import enum
 import logging
 import math
-from typing import Iterable
+from typing import AsyncIterator, Iterable
 
 import numpy as np
 
@@ -56,7 +56,7 @@ from embedd.batch.ending import abort_rebuilds, adopt_public_names, commit_rebui
 from embedd.batch.gate import IsolationGate
 from embedd.batch.progress import Progress
 from embedd.batch.retry import JobFailed, RetryingStore
-from embedd.batch.scan import SCAN_FILE, Fingerprints, ScanIndex, incremental_scan, up_to_date
+from embedd.batch.scan import SCAN_FILE, Fingerprints, ScanIndex, incremental_scan, scoped_scan, up_to_date
 from embedd.batch.state import FINAL_STATUSES, Checkpointer, Failure, Job, JobStatus, JobStore, Outcome
 from embedd.batch.writer import WRITE_BATCH, Item, Result, Writer
 from embedd.embedding import decode_targets, embed_decoded
@@ -170,7 +170,8 @@ class Run:
                 final = None  # stays running: the next start resumes it
             else:
                 await commit_rebuilds(self.store, self.jobs, self.job, self.handles)
-                await adopt_public_names(self.store, self.job, self.shard)
+                if not self.job.scoped:  # a scoped job says nothing about the rest of the library
+                    await adopt_public_names(self.store, self.job, self.shard)
                 job = self.progress.job or self.job
                 failed = job.failed_tracks > 0
                 final = (JobStatus.COMPLETED_WITH_ERRORS if failed else JobStatus.COMPLETED, None)
@@ -240,9 +241,16 @@ class Run:
                 self.progress.job = self.job = await asyncio.to_thread(self.jobs.set_rebuild, self.job.job_id, info)
         else:
             self.scan = await asyncio.to_thread(ScanIndex, str(self.settings.data_dir / SCAN_FILE))
-            await incremental_scan(
-                self.scan, self.job, self.shard, store=self.store, library=require_library(c.library), progress=self.progress
-            )
+            if self.job.scoped:  # an automatic job: what the library watcher saw change
+                await scoped_scan(
+                    self.scan, self.job, jobs=self.jobs, store=self.store, library=require_library(c.library),
+                    progress=self.progress,
+                )  # fmt: skip
+            else:
+                await incremental_scan(
+                    self.scan, self.job, self.shard, store=self.store, library=require_library(c.library),
+                    progress=self.progress,
+                )  # fmt: skip
 
     async def _pass(self, group: tuple[str, ...], *, final: bool) -> None:
         s = self.settings
@@ -257,7 +265,7 @@ class Run:
 
         async def producer() -> None:
             page: list[Track] = []
-            async for track in require_library(self.c.library).iter_tracks(self.shard):
+            async for track in self._tracks():
                 if self.stop_taking.is_set():
                     break
                 page.append(track)
@@ -286,6 +294,19 @@ class Run:
             tg.create_task(producer())
             tg.create_task(workers_then_close())
             tg.create_task(Writer(self.store, self.settings, self.handles, self.checkpoints, self.progress, self._flush).run(write_q, final))
+
+    async def _tracks(self) -> AsyncIterator[Track]:
+        """The job's tracks in id order: the library (this shard), or a scoped job's present tracks."""
+        library = require_library(self.c.library)
+        if not self.job.scoped:
+            async for track in library.iter_tracks(self.shard):
+                yield track
+            return
+        after = ""
+        while ids := await asyncio.to_thread(self.jobs.scope_page, self.job.job_id, after, PAGE):
+            after = ids[-1]
+            for track in await library.tracks_by_ids(ids):
+                yield track
 
     async def _feed(self, page: list[Track], group: tuple[str, ...], final: bool, work_q: asyncio.Queue[Item | None]) -> None:
         """Decide what each track of a page needs; queue the work, settle the rest."""

@@ -21,11 +21,11 @@ import threading
 
 from embedd.batch.progress import Progress
 from embedd.batch.retry import RetryingStore
-from embedd.batch.state import Job
+from embedd.batch.state import Job, JobStore
 from embedd.library import NavidromeLibrary, Shard, Track
 from embedd.store import Move, VectorStore
 
-__all__ = ["MTIME_TOLERANCE_S", "SCAN_FILE", "ScanIndex", "incremental_scan", "up_to_date"]
+__all__ = ["MTIME_TOLERANCE_S", "SCAN_FILE", "ScanIndex", "incremental_scan", "scoped_scan", "up_to_date"]
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,26 @@ class ScanIndex:
                     out[(model, tid)] = (int(size), float(mtime))
         return out
 
+    def lookup_paths(self, model: str, ids: list[str]) -> dict[str, tuple[int, float, str]]:
+        """track_id -> the stored (size, mtime, path) of ``model`` for those of ``ids`` stored."""
+        out: dict[str, tuple[int, float, str]] = {}
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                for tid, size, mtime, path in self._conn.execute(
+                    f"SELECT track_id, size, mtime, path FROM fp WHERE model = ? AND track_id IN ({','.join('?' * len(chunk))})",
+                    (model, *chunk),
+                ):
+                    out[tid] = (int(size), float(mtime), str(path))
+        return out
+
+    def forget(self, model: str, ids: list[str]) -> None:
+        """Stored rows that were deleted: no longer in the plan."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany("DELETE FROM fp WHERE model = ? AND track_id = ?", ((model, t) for t in ids))
+            self._conn.execute("COMMIT")
+
     def mark_complete(self) -> None:
         with self._lock:
             self._conn.execute("UPDATE meta SET complete = 1")
@@ -269,6 +289,71 @@ async def incremental_scan(
             removed += len(stale)
     if removed:
         log.info("batch job %s removed %d vectors of tracks no longer in the library", job.job_id, removed)
+    await asyncio.to_thread(scan.mark_complete)
+
+
+async def scoped_scan(
+    scan: ScanIndex,
+    job: Job,
+    *,
+    jobs: JobStore,
+    store: RetryingStore,
+    library: NavidromeLibrary,
+    progress: Progress,
+) -> None:
+    """:func:`incremental_scan` for an automatic job: only the tracks of its scope (what the watcher saw change).
+
+    Of the scope, the stored fingerprints and the present library rows are read
+    by id. A present track whose file is the stored one (same size and mtime, or
+    a row written by ``embed_file`` with ``store``, which knows the size but not
+    always the mtime) keeps its vector; when its path or fingerprint differs the
+    row is rewritten in place (no model runs). Vectors of scope ids the library
+    no longer has, or that Navidrome marked missing, are re-keyed to a new id of
+    the same file or deleted.
+    """
+    job_id, complete = await asyncio.to_thread(scan.state)
+    if job_id == job.job_id and complete:
+        progress.rekeyed = await asyncio.to_thread(scan.rekeyed_count)
+        return
+    await asyncio.to_thread(scan.reset, job.job_id)
+    ids: list[str] = []
+    while page := await asyncio.to_thread(jobs.scope_page, job.job_id, ids[-1] if ids else "", 1000):
+        ids.extend(page)
+    for model in job.models:
+        fps = await store(lambda s, m=model: s.fingerprints_of(m, ids), f"read {model}'s stored fingerprints")
+        await asyncio.to_thread(scan.add, model, [(f.track_id, f.file_size, f.file_mtime, f.path) for f in fps])
+    present = await library.tracks_by_ids(ids)
+    if len(present) != job.total_tracks:  # the scope's removed tracks are no work for the pipeline
+        progress.job = await asyncio.to_thread(jobs.set_total, job.job_id, len(present))
+        progress.bump()
+    await asyncio.to_thread(scan.mark_seen, [t.track_id for t in present])
+    await asyncio.to_thread(scan.add_library, present)
+    by_id = {t.track_id: t for t in present}
+    for model in job.models:
+        stored = await asyncio.to_thread(scan.lookup_paths, model, list(by_id))
+        refresh = [
+            Move(tid, tid, t.path, t.title, t.artist, t.album, t.file_size, t.file_mtime or 0.0)
+            for tid, (size, mtime, path) in stored.items()
+            if (t := by_id[tid]).file_size == size
+            and (mtime == 0.0 or abs(mtime - (t.file_mtime or 0.0)) <= MTIME_TOLERANCE_S)
+            and (path != t.path or mtime != (t.file_mtime or 0.0))
+        ]
+        for start in range(0, len(refresh), REKEY_BATCH):
+            moves = refresh[start : start + REKEY_BATCH]
+            done = await store(lambda s, m=model, mv=moves: s.rekey(m, mv), f"update {model}'s stored paths")
+            await asyncio.to_thread(scan.moved, model, moves, set(done))
+    await _rekey(scan, job, store=store, progress=progress)
+    removed = 0
+    while pairs := await asyncio.to_thread(scan.unseen, "", 1000):
+        by_model: dict[str, list[str]] = {}
+        for tid, model in pairs:
+            by_model.setdefault(model, []).append(tid)
+        for model, stale in by_model.items():
+            await store(lambda s, m=model, i=stale: s.delete(m, i), f"delete {model} vectors of removed tracks")
+            await asyncio.to_thread(scan.forget, model, stale)
+            removed += len(stale)
+    if removed:
+        log.info("batch job %s removed %d vectors of tracks that left the library", job.job_id, removed)
     await asyncio.to_thread(scan.mark_complete)
 
 

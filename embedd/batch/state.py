@@ -147,6 +147,10 @@ class Job:
     last_checkpoint_at: float | None
     rebuild: Mapping[str, Any] | None
     error: str | None
+    #: "manual" (batch_start) or "auto" (the library watcher, :mod:`embedd.batch.watch`)
+    trigger: str = "manual"
+    #: an automatic job's tracks are its scope (:meth:`JobStore.scope_page`), not the whole library
+    scoped: bool = False
 
     @property
     def settled_tracks(self) -> int:
@@ -203,6 +207,12 @@ CREATE TABLE IF NOT EXISTS job_failure (
     UNIQUE (job_seq, track_id, model)
 );
 CREATE INDEX IF NOT EXISTS job_failure_order ON job_failure (job_seq, id);
+-- an automatic job's tracks: the ids the library watcher saw added, changed or removed
+CREATE TABLE IF NOT EXISTS job_scope (
+    job_seq  INTEGER NOT NULL REFERENCES job (seq) ON DELETE CASCADE,
+    track_id TEXT    NOT NULL,
+    PRIMARY KEY (job_seq, track_id)
+) WITHOUT ROWID;
 -- tracks whose forward passes are under way (running = 1), and how many unclean
 -- exits each has been in flight at (the crash-loop guard; see begin_track)
 CREATE TABLE IF NOT EXISTS job_inflight (
@@ -224,13 +234,15 @@ CREATE TABLE IF NOT EXISTS job_track (
 
 _JOB_COLUMNS = (
     "id, models, clear_existing, shard, status, created_at, started_at, finished_at, updated_at, total_tracks, "
-    "processed_tracks, failed_tracks, skipped_tracks, checkpoints, last_checkpoint_at, rebuild, error"
+    "processed_tracks, failed_tracks, skipped_tracks, checkpoints, last_checkpoint_at, rebuild, error, trigger, scoped"
 )
+#: Columns added within schema 1 (older files get them at open, with these definitions).
+_ADDED_JOB_COLUMNS = {"trigger": "TEXT NOT NULL DEFAULT 'manual'", "scoped": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _job_from_row(row: Sequence[Any]) -> Job:
     (jid, models, clear, shard, status, created, started, finished, updated, total, processed, failed, skipped,
-     checkpoints, last_cp, rebuild, error) = row  # fmt: skip
+     checkpoints, last_cp, rebuild, error, trigger, scoped) = row  # fmt: skip
     return Job(
         job_id=jid,
         models=tuple(json.loads(models)),
@@ -249,6 +261,8 @@ def _job_from_row(row: Sequence[Any]) -> Job:
         last_checkpoint_at=last_cp,
         rebuild=json.loads(rebuild) if rebuild is not None else None,
         error=error,
+        trigger=trigger,
+        scoped=bool(scoped),
     )
 
 
@@ -297,6 +311,10 @@ class JobStore:
             with self._transaction():
                 for stmt in _statements(_SCHEMA):
                     self._conn.execute(stmt)
+                have = {r[1] for r in self._conn.execute("PRAGMA table_info(job)")}
+                for column, definition in _ADDED_JOB_COLUMNS.items():
+                    if column not in have:
+                        self._conn.execute(f"ALTER TABLE job ADD COLUMN {column} {definition}")
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._conn.close()
@@ -354,12 +372,15 @@ class JobStore:
         total_tracks: int = 0,
         rebuild: Mapping[str, Any] | None = None,
         job_id: str | None = None,
+        trigger: str = "manual",
+        scope: Sequence[str] | None = None,
     ) -> Job:
         """Record a new job as ``running``; ``busy`` while another job is active.
 
         The check and the insert are one transaction, so two racing
         ``batch_start`` calls cannot both win. Per-track records of older jobs
         are dropped here: only the latest job's failures are ever listed.
+        ``scope`` (an automatic job's): the only tracks the job looks at.
         """
         if not models:
             raise EmbeddError(Code.BAD_REQUEST, "argument 'models' must name at least one model.")
@@ -375,16 +396,35 @@ class JobStore:
             c.execute("DELETE FROM job_done")
             c.execute("DELETE FROM job_failure")
             c.execute("DELETE FROM job_track")
+            c.execute("DELETE FROM job_scope")
             c.execute(
                 "DELETE FROM job WHERE seq NOT IN (SELECT seq FROM job ORDER BY seq DESC LIMIT ?)", (self._keep_jobs - 1,)
             )
             c.execute(
-                "INSERT INTO job (id, models, clear_existing, shard, status, created_at, started_at, updated_at, total_tracks, rebuild)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO job (id, models, clear_existing, shard, status, created_at, started_at, updated_at, total_tracks,"
+                " rebuild, trigger, scoped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (jid, json.dumps(list(models)), int(clear_existing), shard, JobStatus.RUNNING.value, now, now, now,
-                 int(total_tracks), json.dumps(dict(rebuild)) if rebuild is not None else None),  # fmt: skip
+                 int(total_tracks), json.dumps(dict(rebuild)) if rebuild is not None else None, trigger,
+                 int(scope is not None)),  # fmt: skip
             )
+            if scope is not None:
+                seq = self._seq(jid)
+                c.executemany(
+                    "INSERT OR IGNORE INTO job_scope (job_seq, track_id) VALUES (?, ?)", ((seq, t) for t in scope)
+                )
             return self._get(jid)
+
+    def scope_page(self, job_id: str, after: str = "", limit: int = 500) -> list[str]:
+        """A scoped job's track ids after ``after``, in id order (empty for an unscoped job)."""
+        with self._lock:
+            seq = self._seq(job_id)
+            return [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT track_id FROM job_scope WHERE job_seq = ? AND track_id > ? ORDER BY track_id LIMIT ?",
+                    (seq, after, limit),
+                )
+            ]
 
     def get_job(self, job_id: str) -> Job | None:
         with self._lock:

@@ -238,6 +238,25 @@ class VectorStore:
             for r in page:
                 yield Fingerprint(str(r["track_id"]), int(r["file_size"]), float(r["file_mtime"]), str(r["path"]))
 
+    def fingerprints_of(self, model: str, track_ids: Iterable[str]) -> list[Fingerprint]:
+        """The stored (track_id, file_size, file_mtime, path) of those of ``track_ids`` that have a row (Strong)."""
+        ids = list(dict.fromkeys(track_ids))
+        name, layout = self.collections.target(model, None)
+        flt = " and part == 0" if layout.split else ""
+        out: list[Fingerprint] = []
+        for start in range(0, len(ids), 1000):
+            batch = ids[start : start + 1000]
+            res = self.milvus.call(
+                f"read fingerprints from {name}",
+                lambda c: c.query(
+                    name, filter=in_list("track_id", batch) + flt, output_fields=["track_id", "file_size", "file_mtime", "path"],
+                    consistency_level=STRONG, timeout=self.timeout_s,
+                ),  # fmt: skip
+                loads=name,
+            )
+            out.extend(Fingerprint(str(r["track_id"]), int(r["file_size"]), float(r["file_mtime"]), str(r["path"])) for r in res)
+        return out
+
     def carry_over(self, handle: RebuildHandle, track_ids: Iterable[str]) -> int:
         """Copy the live rows of ``track_ids`` into the rebuild; returns how many had one.
 
