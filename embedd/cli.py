@@ -210,9 +210,29 @@ def _print_status(r: dict) -> None:
         print("batch: " + render_progress(batch))
     else:
         print("batch: no job has run")
+    watch = r.get("library_watch")
+    if watch:
+        print("library: " + _watch_line(watch))
     for c in r.get("legacy_collections") or []:
         where = "still serves its public name" if c["serving"] else "kept; embedd drop-legacy removes it"
         print(f"legacy: {c['collection']} ({c['model']}, {_rows(c['rows'])}): {where}")
+
+
+def _watch_line(w: dict) -> str:
+    """The library watcher: what is pending and why no automatic job runs yet."""
+    if not w.get("enabled"):
+        return "not watched (watch = false)"
+    pending = w.get("pending") or {}
+    line = ", ".join(f"{n} {kind}" for kind, n in sorted(pending.items()) if n) or "current"
+    if w.get("scan_in_progress"):
+        line += "; Navidrome is scanning"
+    if w.get("next_job_at") and sum(pending.values()):
+        line += f"; next automatic job in {max(0.0, w['next_job_at'] - time.time()):.0f}s"
+    if w.get("waiting"):
+        line += f" (waiting: {w['waiting'].replace('_', ' ')})"
+    if w.get("error"):
+        line += f"; error: {w['error']}"
+    return line
 
 
 def _rows(n: int | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import json
 import os
 import shutil
@@ -159,3 +160,15 @@ def test_socat_debug_script_refuses_what_it_cannot_send_in_one_line(tmp_path):
         assert r.returncode == 2 and r.stdout == "", r
         assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(expected), r.stderr
     assert "over the daemon's frame limit of 2048 bytes (max_frame, EMBEDD_MAX_FRAME)" in r.stderr
+
+
+def test_status_prints_the_library_watchers_pending_work_and_why_it_waits():
+    from embedd import cli
+
+    soon = time.time() + 120
+    line = cli._watch_line({"enabled": True, "pending": {"added": 3, "changed": 1, "removed": 0},
+                            "next_job_at": soon, "waiting": "quiet_period", "scan_in_progress": False})
+    assert line.startswith("3 added, 1 changed; next automatic job in 1")
+    assert line.endswith("(waiting: quiet period)")
+    assert cli._watch_line({"enabled": True, "pending": {}, "waiting": None}) == "current"
+    assert cli._watch_line({"enabled": False}) == "not watched (watch = false)"
