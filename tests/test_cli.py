@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
