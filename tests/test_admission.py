@@ -236,3 +236,15 @@ async def test_the_daemon_refuses_work_past_its_bound_over_socket_and_http_befor
         server.service.decoder = real_decoder
         await server.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_the_refusal_quoted_in_the_operations_guide_is_the_codes_own() -> None:
+    from tests.daemon import REPO
+
+    admission = Admission(max_requests=64, max_bytes=256 * MiB)
+    admission.in_flight = 64  # as if 64 requests were in progress
+    ops = admission.wrap({"search": Handler(lambda args: None)})
+    with pytest.raises(EmbeddError) as err:
+        await ops["search"].fn(SearchArgs(model="muq", track_id="t"))
+    guide = (REPO / "docs" / "operations.md").read_text()
+    assert f"embedd: {err.value.code.value}: {err.value.message}\n" in guide
