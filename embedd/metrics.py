@@ -201,6 +201,7 @@ class _ServiceCollector(Collector):
         yield states
         yield running
         yield from _lane_families(executor)
+        yield from _io_lane_families(self._service)
 
         yield from _watch_families(self._service.watch_view())
         progress = self._service.batch.progress.view()
@@ -294,3 +295,33 @@ def _lane_families(executor: Any) -> Iterator[Any]:
     yield passes
     yield dropped
     yield overloaded
+
+
+def _io_lane_families(service: Any) -> Iterator[Any]:
+    """The decoder's and the store's lanes (depth and oldest wait), and admission's bounds and refusals."""
+    depth = GaugeMetricFamily(
+        "embedd_io_queue_depth", "Work waiting for the decoder's workers or the store's threads, by component and lane.",
+        labels=["component", "lane"],
+    )  # fmt: skip
+    oldest = GaugeMetricFamily(
+        "embedd_io_queue_oldest_wait_seconds", "How long the oldest waiting decode or store call has waited (0 when none).",
+        labels=["component", "lane"],
+    )  # fmt: skip
+    views = {"store": service.store_io.lanes_view()}
+    if service.decoder is not None:
+        views["decoder"] = service.decoder.lanes_view()
+    for component, lanes in views.items():
+        for lane, entry in lanes.items():
+            depth.add_metric([component, lane], entry.get("depth") or 0)
+            oldest.add_metric([component, lane], entry.get("oldest_wait_s") or 0.0)
+    yield depth
+    yield oldest
+    admission = service.admission.view()
+    yield GaugeMetricFamily("embedd_admitted_requests", "Requests admitted and not yet answered.", value=admission["in_flight"])
+    yield GaugeMetricFamily("embedd_admitted_bytes", "Bytes of payload the admitted requests hold.", value=admission["bytes_held"])
+    refused = CounterMetricFamily(
+        "embedd_admission_overloaded", "Requests refused 'overloaded' by admission, by the bound they hit.", labels=["bound"]
+    )
+    for bound, n in sorted(admission["overloaded"].items()):
+        refused.add_metric([bound], n)
+    yield refused

@@ -30,7 +30,6 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedd.admission import Admission
 from embedd.errors import Code, EmbeddError, StartupError
 from embedd.http.context import HttpContext
 from embedd.lockfile import take_lock
@@ -379,7 +378,7 @@ class Server:
         self.settings = settings
         self.service = service or Service(settings)
         # One bound on the work admitted, for the socket and HTTP alike (embedd.admission).
-        self.admission = Admission.from_settings(settings)
+        self.admission = self.service.admission
         self.ops: dict[str, Handler] = self.admission.wrap(build_handlers(self.service))  # what each op does
         self.metrics = Metrics(self.service)
         self.handlers: dict[str, Handler] = self.metrics.instrument(self.ops)  # what clients reach: counted

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from embedd import __version__
+from embedd.admission import Admission
 from embedd.audio import AudioDecoder
 from embedd.batch.manager import BatchManager
 from embedd.batch.watch import WATCH_FILE, LibraryWatcher, NavidromeProbe, Snapshot, WatchConfig, models_with_vectors
@@ -65,6 +66,8 @@ class Service:
             default_cache_bytes() if cache_mb is None else cache_mb * MiB, refresh_s=settings.vector_cache_refresh_s
         )
         self.store_io.store.index = self.store_io.reader.index = self.vector_index
+        #: One bound on the work admitted, for the socket and HTTP alike (the server wraps its op table in it).
+        self.admission = Admission.from_settings(settings)
         self._data_lock: int | None = None
         self.batch = BatchManager(settings, store_io=self.store_io, executor=self.executor, library=self.library)
         self.watch: LibraryWatcher | None = None  # the library watcher, once started (needs the library)

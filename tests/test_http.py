@@ -408,7 +408,12 @@ async def test_health_readiness_and_metrics_move_with_requests(daemon):
     assert after[count] - before.get(count, 0.0) == 7
     for lane in ("interactive", "batch"):
         assert after[("embedd_queue_depth", (("lane", lane),))] == 0.0
+        assert after[("embedd_queue_oldest_wait_seconds", (("lane", lane),))] == 0.0
+        assert ("embedd_io_queue_depth", (("component", "decoder"), ("lane", lane))) in after
+    assert ("embedd_io_queue_depth", (("component", "store"), ("lane", "read"))) in after
     assert ("embedd_model_loaded", (("model", "mert"),)) in after
+    assert after[("embedd_model_state", (("model", "mert"), ("state", "unloaded")))] == 1.0
+    assert after[("embedd_admitted_requests", ())] == 0.0  # a scrape is not admitted work; nothing else runs
 
 
 # ---------------------------------------------------------------- bad input
