@@ -195,14 +195,16 @@ def render_progress(p: dict) -> str:
 def _print_status(r: dict) -> None:
     print(f"embedd {r['version']} on {r['device']}")
     print(f"milvus: {r['milvus']['uri']} ({'ok' if r['milvus']['ok'] else 'unreachable'})")
-    print(f"queues: interactive {r['queue']['interactive']}, batch {r['queue']['batch']}")
+    lanes = (r.get("executor") or {}).get("lanes")
+    if lanes:
+        for lane, v in lanes.items():
+            print(f"{'lane ' + lane + ':':<17} {_lane_line(v)}")
+    else:
+        print(f"queues: interactive {r['queue']['interactive']}, batch {r['queue']['batch']}")
     print("models:")
     for name, m in r["models"].items():
-        state = f"loaded, idle {m['idle_s']:.0f}s" if m["loaded"] and m["idle_s"] is not None else (
-            "loaded" if m["loaded"] else "not loaded"
-        )
         text = ", text" if m["text"] else ""
-        print(f"  {name:<7} {state:<22} dim {m['dim']:<6} -> {m['collection']}{text}")
+        print(f"  {name:<7} {_model_state(m):<24} dim {m['dim']:<6} -> {m['collection']}{text}")
         if m.get("error"):  # the last load attempt failed (the docs promise it here)
             print(f"          error: {m['error']}")
     batch = r.get("batch")
@@ -216,6 +218,32 @@ def _print_status(r: dict) -> None:
     for c in r.get("legacy_collections") or []:
         where = "still serves its public name" if c["serving"] else "kept; embedd drop-legacy removes it"
         print(f"legacy: {c['collection']} ({c['model']}, {_rows(c['rows'])}): {where}")
+
+
+def _model_state(m: dict) -> str:
+    state = m.get("state") or ("idle" if m["loaded"] else "unloaded")
+    if state == "running":
+        text = f"running ({', '.join(m.get('running') or [])})"
+    elif state == "idle":
+        text = f"loaded, idle {m['idle_s']:.0f}s" if m.get("idle_s") is not None else "loaded"
+    else:
+        text = {"unloaded": "not loaded", "loading": "loading"}.get(state, state)
+    return text + (", in job" if m.get("pinned") else "")
+
+
+def _lane_line(v: dict) -> str:
+    """One lane: its queue, its oldest wait and the forward pass in flight."""
+    line = f"{v['depth']} waiting"
+    if v.get("oldest_wait_s") is not None:
+        line += f" (oldest {v['oldest_wait_s']:.1f}s)"
+    current = v.get("pass")
+    if current:
+        line += f", pass {current['model']} x{current['items']} for {current['age_s']:.1f}s"
+    elif v.get("yielding"):
+        line += ", yielding to interactive work"
+    else:
+        line += ", idle"
+    return line
 
 
 def _watch_line(w: dict) -> str:
