@@ -201,6 +201,13 @@ def _print_status(r: dict) -> None:
             print(f"{'lane ' + lane + ':':<17} {_lane_line(v)}")
     else:
         print(f"queues: interactive {r['queue']['interactive']}, batch {r['queue']['batch']}")
+    io = [f"{name} " + ", ".join(f"{lane} {v.get('depth', 0)}" for lane, v in lanes_of.items())
+          for name, lanes_of in (("decoder", r.get("decoder")), ("store", r.get("store"))) if lanes_of]
+    admission = r.get("admission")
+    if admission:
+        io.append(f"admitted {admission['in_flight']}/{admission['limit']}")
+    if io:
+        print("waiting:          " + "; ".join(io))
     print("models:")
     for name, m in r["models"].items():
         text = ", text" if m["text"] else ""
