@@ -140,14 +140,18 @@ class Milvus:
 
             if self.is_lite:
                 Path(self.uri).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            options: dict[str, int] = {}
+            if self.is_lite:
+                # pymilvus pings an idle channel every 10 s; Milvus Lite's in-process server
+                # answers that with GOAWAY "too_many_pings" (a log line each time, nothing else)
+                options["grpc.keepalive_permit_without_calls"] = 0
+            if self.dedicated:
+                options["grpc.use_local_subchannel_pool"] = 1
             try:
-                if self.dedicated:
-                    self._client_obj = MilvusClient(
-                        uri=self.uri, timeout=self.timeout_s, dedicated=True,
-                        grpc_options={"grpc.use_local_subchannel_pool": 1},
-                    )  # fmt: skip
-                else:
-                    self._client_obj = MilvusClient(uri=self.uri, timeout=self.timeout_s)
+                self._client_obj = MilvusClient(
+                    uri=self.uri, timeout=self.timeout_s, **({"dedicated": True} if self.dedicated else {}),
+                    **({"grpc_options": options} if options else {}),
+                )  # fmt: skip
             except Exception as exc:  # any failure to connect is "the dependency is down"
                 raise self._unavailable(exc) from exc
         return self._client_obj
