@@ -245,7 +245,9 @@ def _lane_line(v: dict) -> str:
         line += f" (oldest {v['oldest_wait_s']:.1f}s)"
     current = v.get("pass")
     if current:
-        line += f", pass {current['model']} x{current['items']} for {current['age_s']:.1f}s"
+        line += f", pass {current['model']} x{current['items']}"
+        if current.get("age_s") is not None:
+            line += f" for {current['age_s']:.1f}s"
     elif v.get("yielding"):
         line += ", yielding to interactive work"
     else:

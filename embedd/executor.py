@@ -145,7 +145,9 @@ class ModelRegistry:
         self._factories = dict(factories or {})
         self._clock = clock
         self._lock = threading.RLock()  # the dicts below
-        self._load_locks = {name: threading.Lock() for name in self._specs}  # one load at a time per model
+        # One load (or unload) at a time, whichever model: two loads at once would double the
+        # load-time peak (MuQ-MuLan's is 6.3 GB), and a second thread wanting the same model waits.
+        self._load_lock = threading.Lock()
         self._models: dict[str, EmbeddingModel] = {}
         self._last_used: dict[str, float] = {}
         self._dims: dict[str, int] = {}
@@ -177,7 +179,7 @@ class ModelRegistry:
         """The loaded model, loading it first if needed; renews its idle timer."""
         model = self._instance(name)
         if not model.loaded:
-            with self._load_locks[name]:  # a second thread waits here for the first one's load
+            with self._load_lock:  # a second thread waits here for the first one's load
                 if not model.loaded:
                     self._load(name, model)
         with self._lock:
@@ -195,7 +197,8 @@ class ModelRegistry:
         with self._lock:
             self._loading.add(name)
         try:
-            model.load()
+            with running_on(None):  # a load's own probe pass is no lane's work: never stopped midway
+                model.load()
         except EmbeddError as exc:
             # Loading can cost tens of seconds of hub retries: fail fast for a while
             # instead of paying that on every request, and say so once in the log.
@@ -219,6 +222,7 @@ class ModelRegistry:
     @contextlib.contextmanager
     def using(self, name: str, lane: str) -> Iterator[EmbeddingModel]:
         """The loaded model, held for ``lane`` while the body runs: it cannot be unloaded meanwhile."""
+        self._instance(name)  # an unknown name is the caller's bad_request
         with self._lock:
             self._inside[name][lane] += 1  # before loading: a model being loaded for a lane is in use
         try:
@@ -262,19 +266,27 @@ class ModelRegistry:
                 return f"model {name!r} is used by the running batch job"
             return None
 
-    def unload(self, name: str) -> bool:
-        """Unload one model; False when it was not loaded or must stay (in use, pinned)."""
-        with self._load_locks.get(name, threading.Lock()):
-            model = self._models.get(name)
-            if model is None or not model.loaded:
-                return False
-            reason = self.busy_reason(name)
-            if reason is not None:
-                log.info("not unloading %s: %s", name, reason.removeprefix(f"model {name!r} "))
-                return False
-            model.unload()
-            with self._lock:
+    def unload(self, name: str, *, wait: bool = True) -> bool:
+        """Unload one model; False when it was not loaded or must stay (in use, pinned).
+
+        ``wait=False`` (the idle timer): give up at once while another model loads,
+        instead of holding the interactive thread for the length of that load.
+        """
+        if not self._load_lock.acquire(blocking=wait):
+            return False
+        try:
+            with self._lock:  # the check and the unload as one step: no lane enters in between
+                model = self._models.get(name)
+                if model is None or not model.loaded:
+                    return False
+                reason = self.busy_reason(name)
+                if reason is not None:
+                    log.info("not unloading %s: %s", name, reason.removeprefix(f"model {name!r} "))
+                    return False
+                model.unload()
                 self._last_used.pop(name, None)
+        finally:
+            self._load_lock.release()
         _release_memory()
         log.info("unloaded model %s", name)
         return True
@@ -294,7 +306,7 @@ class ModelRegistry:
                 and name not in waiting
                 and now - used >= self._idle_timeout_s.get(name, float("inf"))
             ]
-        return [name for name in idle if self.unload(name)]
+        return [name for name in idle if self.unload(name, wait=False)]
 
     def describe(self, name: str) -> None:
         """Learn a model's stored dim without loading it (cheap config read), for status."""
@@ -498,11 +510,11 @@ class Executor:
     def lanes_view(self) -> dict[str, Any]:
         """Per lane: queue depth, oldest wait, the pass in flight, threads and priority; recent passes."""
         now = time.monotonic()
-        with self._cond:
+        with self._cond:  # passes change under this lock: each is read whole
             queued = {lane: list(queue) for lane, queue in self._queues.items()}
-            in_flight = dict(self._in_flight)
+            in_flight = {label: entry.to_wire(now) for label, entry in self._in_flight.items()}
             yielding = set(self._yielding)
-            recent = list(self._recent_passes)
+            recent = [entry.to_wire(now) for entry in self._recent_passes]
             jobs = list(self._recent_jobs)
         view: dict[str, Any] = {}
         for label, lanes in (("interactive", (Lane.CONTROL, Lane.INTERACTIVE)), ("batch", (Lane.BATCH,))):
@@ -511,7 +523,7 @@ class Executor:
             view[label] = {
                 "depth": len(waiting),
                 "oldest_wait_s": round(now - min(j.queued_at for j in waiting), 3) if waiting else None,
-                "pass": current.to_wire(now) if current is not None else None,
+                "pass": current,
                 "yielding": label in yielding,  # waiting at a pass boundary for interactive work
                 "threads": self.threads_of.get(label),
                 "nice": self.lanes.batch_nice if label == "batch" else 0,
@@ -521,7 +533,7 @@ class Executor:
             }
         return {
             "lanes": view,
-            "recent": {"passes": [p.to_wire(now) for p in recent], "jobs": jobs},
+            "recent": {"passes": recent, "jobs": jobs},
             "seq": next(_seq),  # this view's place in the order of the events above
         }
 
@@ -801,7 +813,6 @@ class Executor:
                     self._yielding.discard(label)
             jobs = self._running.get(label)
         if jobs and all(job.abandoned for job in jobs):
-            self.stats[label].dropped += len(jobs)
             raise EmbeddError(Code.CANCELLED, "nobody waits for this work any more (cancelled)")
 
     def _stopping_now(self, label: str) -> bool:
@@ -826,7 +837,8 @@ class Executor:
         entry = token if isinstance(token, _Pass) else None
         if entry is None:
             return
-        entry.ended_seq, entry.seconds = next(_seq), seconds
+        with self._cond:
+            entry.ended_seq, entry.seconds = next(_seq), seconds
         stats = self.stats[entry.lane]
         histogram = stats.pass_duration.get(entry.model)
         if histogram is None:
@@ -860,6 +872,8 @@ class Executor:
             outcomes = [(None, err)] * len(batch)
         done_seq = next(_seq)
         with self._cond:
+            if all(job.abandoned for job in batch) and any(exc is not None for _, exc in outcomes):
+                self.stats[label].dropped += len(batch)  # stopped early: nobody waited for it
             for job in batch:
                 self._recent_jobs.append({
                     "lane": job.lane.label, "kind": job.kind, "model": job.model,

@@ -66,7 +66,8 @@ def build_handlers(service: Service) -> dict[str, Handler]:
     async def unload(args: UnloadArgs) -> dict:
         unloaded = await service.executor.unload(args.model)
         names = [args.model] if args.model else list(CATALOG)
-        kept = {name: reason for name in names if (reason := service.executor.busy_reason(name))}
+        loaded = {name for name, state in service.executor.snapshot().items() if state.loaded}
+        kept = {name: reason for name in names if name in loaded and (reason := service.executor.busy_reason(name))}
         return {"unloaded": unloaded, "kept": kept}
 
     async def embed_file(args: EmbedFileArgs) -> dict:

@@ -374,9 +374,11 @@ def test_written_outcomes_leave_pending_only_when_the_view_takes_the_job(tmp_pat
         cp = Checkpointer(s, job.job_id, every=100)
         for i in range(3):
             cp.add(f"t{i}", "processed", done_models=["muq"])
-        written = cp.flush()
-        assert written is not None and written.processed_tracks == 3
+        job, written = cp.flush_for_view()
+        assert job is not None and job.processed_tracks == 3 and written == [Outcome.PROCESSED] * 3
         # between the write and the loop's publish, the old view (0 durable) still adds the 3 pending
         assert cp.pending_outcomes[Outcome.PROCESSED] == 3
-        cp.published()
-        assert cp.pending_outcomes[Outcome.PROCESSED] == 0
+        cp.add("t3", "processed", done_models=["muq"])  # another flush's track: not taken by this publish
+        cp.published(written)
+        assert cp.pending_outcomes[Outcome.PROCESSED] == 1
+        assert cp.flush().processed_tracks == 4 and cp.pending_outcomes[Outcome.PROCESSED] == 0

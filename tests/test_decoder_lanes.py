@@ -153,3 +153,24 @@ async def test_decoder_serves_interactive_first_and_never_runs_a_withdrawn_batch
         assert decoder.lanes_view()["batch"] == {"depth": 0, "oldest_wait_s": None, "running": 0}
     finally:
         decoder.close()
+
+
+async def test_withdraw_answers_the_lanes_waiting_decodes_cancelled():
+    from embedd.audio.lanes import DecodeLanes
+    from embedd.errors import Code, EmbeddError
+
+    lanes = DecodeLanes(workers=1, unadmitted=2)
+    await lanes.start("batch")  # the one worker is busy
+    waiting = [asyncio.ensure_future(lanes.start("batch")) for _ in range(3)]
+    person = asyncio.ensure_future(lanes.start("interactive"))
+    await asyncio.sleep(0)
+    assert lanes.view()["batch"]["depth"] == 3
+    assert lanes.withdraw("batch") == 3  # a paused job's decodes never reach a worker
+    for task in waiting:
+        with pytest.raises(EmbeddError) as info:
+            await task
+        assert info.value.code is Code.CANCELLED
+    lanes.finished("batch")
+    lanes.admitted()
+    await person  # the person's decode takes the freed worker
+    assert lanes.view()["batch"]["depth"] == 0 and lanes.running == 1

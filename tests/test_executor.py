@@ -544,3 +544,23 @@ async def test_a_cancelled_pass_stops_between_its_layers(running):
     model.hold.set()
     await ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 4), np.float32))  # and the lane serves again
     assert model.ran == [1, 1, 2, 3]
+
+
+async def test_a_cancel_during_a_load_never_marks_the_model_broken(running):
+    model = LayeredModel(SPEC)
+
+    def load_with_probe() -> None:  # like MERT's load: a probe forward pass
+        import torch
+
+        model.net(torch.zeros(1, 3))
+
+    model._load = load_with_probe  # type: ignore[method-assign]
+    ex = running(model)
+    job = asyncio.create_task(ex.embed_audio(Lane.BATCH, "muq", np.ones((1, 4), np.float32)))
+    await wait_for(model.inside.is_set)  # inside the load's probe pass
+    job.cancel()
+    await wait_for(job.done)
+    model.hold.set()
+    await ex.embed_text(Lane.INTERACTIVE, "muq", "after the cancel")  # loaded, not backed off
+    assert model.loaded and ex.snapshot()["muq"].error is None
+    assert model.ran[:3] == [1, 2, 3]  # the probe ran whole

@@ -20,6 +20,8 @@ import collections
 import time
 from typing import Any, Literal
 
+from embedd.errors import Code, EmbeddError
+
 __all__ = ["BATCH", "INTERACTIVE", "LANES", "DecodeLane", "DecodeLanes", "check_lane"]
 
 DecodeLane = Literal["interactive", "batch"]
@@ -112,6 +114,17 @@ class DecodeLanes:
                     continue
                 self._take(lane)
                 waiter.future.set_result(None)
+
+    def withdraw(self, lane: DecodeLane) -> int:
+        """Answer every decode of ``lane`` still waiting for a worker ``cancelled`` (a paused job); how many."""
+        queue, self._queues[lane] = self._queues[lane], collections.deque()
+        n = 0
+        for waiter in queue:
+            if not waiter.future.done():
+                waiter.future.set_exception(EmbeddError(Code.CANCELLED, "the decode was withdrawn (the batch job paused)"))
+                n += 1
+        self.withdrawn += n
+        return n
 
     def view(self) -> dict[str, dict[str, Any]]:
         """Per lane: decodes waiting for a worker, the oldest one's wait, decodes in the workers now."""

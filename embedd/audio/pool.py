@@ -153,6 +153,10 @@ class AudioDecoder:
         targets = check_targets(targets)
         return await self._run(filename, job_bytes, bytes(data), filename, targets, self.max_audio_s, self._tag, lane=lane)
 
+    def withdraw(self, lane: DecodeLane) -> int:
+        """Answer the lane's decodes still waiting for a worker ``cancelled`` (a paused job); how many."""
+        return self._lanes.withdraw(check_lane(lane))
+
     def lanes_view(self) -> dict[str, dict[str, Any]]:
         """Per lane: decodes waiting for a worker (``depth``), the oldest one's wait, decodes in the workers."""
         return self._lanes.view()

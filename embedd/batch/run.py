@@ -128,10 +128,12 @@ class Run:
             self.reason = reason
         self.stop_taking.set()
         if reason in (StopReason.PAUSE, StopReason.CANCEL):
-            # Within one forward pass: the model work queued for this job is withdrawn now
-            # and the call in flight stops at its next pass boundary. On pause, tracks
-            # already embedded are still written; the rest are embedded again at resume.
+            # Within one forward pass: the model work and the decodes queued for this job
+            # are withdrawn now and the call in flight stops at its next pass boundary. On
+            # pause, tracks already embedded are still written; the rest are embedded
+            # again at resume.
             self.c.executor.withdraw(Lane.BATCH)
+            self.c.decoder.withdraw("batch")
         if reason is StopReason.CANCEL and self.body is not None:
             self.body.cancel()  # and the pipeline's queued decodes go with its tasks
 
@@ -358,6 +360,8 @@ class Run:
         targets = decode_targets(item.models)
         try:
             async with decode_sem:
+                if self.reason is StopReason.PAUSE:
+                    return None  # paused while waiting for a decode slot
                 self.progress.current_track = track.display_name
                 audio = await decoder.decode_path(track.path, targets, lane="batch")
         except EmbeddError as exc:
@@ -380,9 +384,9 @@ class Run:
 
         async def embed(model: str, wave: np.ndarray) -> AudioEmbedding:
             while True:
-                if self.reason is StopReason.PAUSE:
-                    raise EmbeddError(Code.CANCELLED, "the batch job paused")
                 async with embed_sem:
+                    if self.reason is StopReason.PAUSE:  # checked holding the permit a withdrawn job released
+                        raise EmbeddError(Code.CANCELLED, "the batch job paused")
                     try:
                         return await self.c.executor.embed_audio(Lane.BATCH, model, wave)
                     except EmbeddError as exc:
@@ -410,11 +414,11 @@ class Run:
 
     async def _flush(self) -> None:
         """Record the buffered, Milvus-confirmed results in the state DB (one transaction)."""
-        job = await asyncio.to_thread(self.checkpoints.flush)
+        job, written = await asyncio.to_thread(self.checkpoints.flush_for_view)
         if job is None:
             return
         self.progress.job = self.job = job
-        self.checkpoints.published()  # same loop turn: the written tracks move from pending to the job
+        self.checkpoints.published(written)  # same loop turn: these tracks move from pending to the job
         self.progress.bump()
 
     # ---- helpers

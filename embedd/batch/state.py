@@ -764,7 +764,6 @@ class Checkpointer:
         self._flushing = threading.Lock()
         #: Outcomes buffered and not yet written, per outcome (what progress adds to the durable counters).
         self.pending_outcomes: dict[Outcome, int] = {o: 0 for o in Outcome}
-        self._written: list[Outcome] = []  # checkpointed outcomes the view has not taken yet (published)
 
     @property
     def pending(self) -> int:
@@ -790,7 +789,15 @@ class Checkpointer:
             return self._tracks >= self.every
 
     def flush(self) -> Job | None:
-        """Write what is buffered (blocking); None when there was nothing."""
+        """Write what is buffered (blocking); None when there was nothing. The counts leave
+        ``pending_outcomes`` at once (see :meth:`flush_for_view` for a live view)."""
+        job, written = self.flush_for_view()
+        self.published(written)
+        return job
+
+    def flush_for_view(self) -> tuple[Job | None, list[Outcome]]:
+        """Write what is buffered (blocking): the job as written and the outcomes it took from
+        the buffer, which stay in ``pending_outcomes`` until :meth:`published` is given them."""
         with self._flushing:
             return self._flush()
 
@@ -801,13 +808,13 @@ class Checkpointer:
                 pending = list(self._failures)
             return self.store.failure_page(self.job_id, limit, offset, pending)
 
-    def _flush(self) -> Job | None:
+    def _flush(self) -> tuple[Job | None, list[Outcome]]:
         with self._lock:
             done, failures, finished = self._done, self._failures, self._finished
             self._done, self._failures, self._finished = [], [], []
             tracks, self._tracks = self._tracks, 0
         if not (done or failures or finished):
-            return None
+            return None, []
         try:
             job = self.store.checkpoint(self.job_id, done=done, failures=failures, finished=finished)
         except BaseException:
@@ -815,17 +822,14 @@ class Checkpointer:
                 self._done[:0], self._failures[:0], self._finished[:0] = done, failures, finished
                 self._tracks += tracks
             raise
-        with self._lock:
-            self._written.extend(outcome for _, outcome in finished)
-        return job
+        return job, [outcome for _, outcome in finished]
 
-    def published(self) -> None:
-        """The loop made the checkpointed job its view: stop counting what it wrote as pending.
+    def published(self, written: Iterable[Outcome]) -> None:
+        """The view took the job a flush wrote: stop counting that flush's outcomes as pending.
 
-        Called on the event loop in the same turn as the view takes the new job, so a
-        view never counts the written tracks twice or not at all.
+        The batch run calls it on the event loop in the same turn as the view takes the
+        new job, so a view never counts the written tracks twice or not at all.
         """
         with self._lock:
-            written, self._written = self._written, []
             for outcome in written:
                 self.pending_outcomes[outcome] -= 1

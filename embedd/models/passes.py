@@ -37,6 +37,8 @@ import contextvars
 import dataclasses
 from typing import Callable, Hashable, Iterator
 
+from embedd.errors import Code, EmbeddError
+
 __all__ = ["PassPolicy", "RateBook", "Stopped", "current", "running_on", "stop_between_layers"]
 
 #: Weight of the newest pass in the per-item time estimate.
@@ -98,8 +100,11 @@ class PassPolicy:
         self.rates.record((model, max(1, int(memory_cap))), items, seconds)
 
 
-class Stopped(Exception):
-    """Raised between two layers of a forward pass whose work nobody waits for any more."""
+class Stopped(EmbeddError):
+    """Raised between two layers of a forward pass whose work nobody waits for any more (``cancelled``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.CANCELLED, message)
 
 
 _current: contextvars.ContextVar[PassPolicy | None] = contextvars.ContextVar("embedd_pass_policy", default=None)

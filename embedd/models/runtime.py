@@ -200,9 +200,9 @@ def run_batched(
             result = forward(chunk)
         except torch.cuda.OutOfMemoryError:
             result = None
-        except passes.Stopped as exc:
-            raise EmbeddError(Code.CANCELLED, f"model {model_name!r}: {exc}") from None
         finally:
+            if policy is not None and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # kernels run asynchronously: time the pass, not its launch
             seconds = time.perf_counter() - began
             if policy is not None:
                 policy.ended(token, seconds)
