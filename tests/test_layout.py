@@ -14,7 +14,7 @@ PACKAGE = REPO / "embedd"
 LAYERS: list[set[str]] = [
     {"embedd", "embedd.errors", "embedd.forkserver_guard", "embedd.systemd", "embedd.lockfile", "embedd.http.address"},
     {"embedd.models", "embedd.models.*"},
-    {"embedd.protocol", "embedd.settings", "embedd.frame"},
+    {"embedd.protocol", "embedd.settings", "embedd.frame", "embedd.admission"},
     {"embedd.audio", "embedd.audio.*", "embedd.embedding", "embedd.library", "embedd.store", "embedd.store.*", "embedd.executor"},
     {"embedd.batch", "embedd.batch.*"},
     {"embedd.service"},
@@ -30,7 +30,12 @@ LONG_MODULES = {
     "embedd.library": "one reader of Navidrome's schema across its versions",
     "embedd.settings": "every setting's declaration and help text",
     "embedd.server": "the socket server: framing, connections, limits and shutdown in one loop",
-    "embedd.executor": "the GPU thread and the model registry it drives",
+    "embedd.executor": "the two lane threads, their scheduling between passes and the model registry they share",
+    "embedd.cli": "every subcommand's arguments and its printer; each printer is a few lines",
+    "embedd.batch.watch": "the watcher's poll, its snapshot of the library and the debounce, one state machine",
+    "embedd.recommend": "the pure ranking (per-model scores, merge, penalties, MMR) beside its one I/O function",
+    "embedd.store.index": "the in-memory index: its matrix, its projection beyond 2048 dims and keeping it current",
+    "embedd.store.vector_store": "every Milvus operation of the store, each a few lines",
 }
 MAX_LINES = 450
 
