@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"embedd.protocol", "embedd.settings", "embedd.frame", "embedd.admission"},
     {"embedd.audio", "embedd.audio.*", "embedd.embedding", "embedd.library", "embedd.store", "embedd.store.*", "embedd.executor"},
     {"embedd.batch", "embedd.batch.*"},
-    {"embedd.service"},
+    {"embedd.service", "embedd.recommend", "embedd.takeover"},
     {"embedd.ops", "embedd.metrics"},
     {"embedd.http", "embedd.http.*"},
     {"embedd.server", "embedd.client"},
