@@ -1,20 +1,32 @@
 """Recommendation latency: 50 seeds x 3 models over a 100,000-track collection, p50 / p95.
 
 In-process: the ``recommend`` op's own code (:func:`embedd.recommend.recommend`)
-over a real Milvus Lite file, with the store on its own thread as in the
-daemon (``StoreIO``); no models are loaded (track seeds need none) and no
-HTTP or socket framing is counted (a few hundred microseconds, see
-bench/protocol_bench.py). The collection is written once and reused from
-``--data-dir`` on later runs.
+over a real Milvus Lite file or server, with the store on its own threads as in
+the daemon (``StoreIO``) and the daemon's in-memory vector index
+(:mod:`embedd.store.index`, built from the collection before measuring; ``--no-index``:
+every search in Milvus, as before the index); no models are loaded (track seeds
+need none) and no HTTP or socket framing is counted (a few hundred
+microseconds, see bench/protocol_bench.py). The collection is written once and
+reused from ``--data-dir`` on later runs.
 
 Widths: MuQ 1536 and Music2Latent 576 are the real ones; MERT's real 76,800
-floats x 100,000 rows would be 30 GB, so MERT gets ``--mert-dim`` (default
-1024) here: the work per query is the same kind, only smaller.
+floats x 100,000 rows would be 30 GB in Milvus, so MERT gets ``--mert-dim``
+(default 1024) here. The index holds real MERT as a 1024-dim projection, so
+the stand-in's exact 1024-dim matrix costs a search exactly what real MERT's
+costs; what the projection does to MERT's neighbours is measured apart
+(``--recall``: per-seed recall against brute force at the real width).
+
+``--load``: during the measurement, a batch job's load: a child process at
+nice 10 (the default ``batch_nice``) keeping both cores busy with float32
+matrix products (the kind of work a CPU model pass is), and 32 new tracks per
+model upserted every second through the write lane (each also lands in the
+index).
 
 Vectors: ``--clusters`` Gaussian clusters (tracks of a style lie together);
 seeds are random stored tracks, a fresh set per request.
 
     .venv/bin/python bench/recommend.py [--server] [--rows 100000] [--seeds 50] [--requests 40] [--data-dir DIR]
+                                        [--no-index] [--load] [--recall]
 
 ``--server`` runs a real Milvus 2.3.5 standalone server (the tests' own,
 tests/milvus_fixtures.py) with embedd's HNSW index; without it, Milvus Lite,
@@ -25,7 +37,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import shutil
+import subprocess
 import statistics
 import sys
 import time
@@ -41,9 +56,25 @@ from embedd.models import CATALOG  # noqa: E402
 from embedd.protocol import parse_request  # noqa: E402
 from embedd.recommend import recommend  # noqa: E402
 from embedd.store import TrackRow, VectorStore  # noqa: E402
+from embedd.store.index import PROJECTED_DIM, ModelIndex, VectorIndex  # noqa: E402
 from embedd.store.io import StoreIO  # noqa: E402
 
 MODELS = ("muq", "mert", "latent")
+
+
+def track_row(i: int, vector: np.ndarray) -> TrackRow:
+    return TrackRow(track_id=f"t{i:07d}", vector=vector, path=f"/music/{i}.flac", title=f"Song {i}",
+                    artist=f"Artist {i % 997}", album="", duration_s=200.0, model_id="bench", file_size=1,
+                    file_mtime=1.0, embedded_at=1.0)  # fmt: skip
+
+
+_LOAD = """
+import os, numpy as np
+os.nice(10)
+a = np.random.default_rng(0).normal(size=(512, 512)).astype(np.float32)
+while True:
+    a = np.tanh(a @ a)
+"""
 
 
 def populate(store: VectorStore, dims: dict[str, int], rows: int, clusters: int) -> None:
@@ -59,15 +90,7 @@ def populate(store: VectorStore, dims: dict[str, int], rows: int, clusters: int)
         for start in range(have, rows, step):
             n = min(step, rows - start)
             vecs = centers[rng.integers(0, clusters, n)] + 0.9 * rng.normal(size=(n, dims[m])).astype(np.float32)
-            store.upsert(
-                m,
-                [
-                    TrackRow(track_id=f"t{start + i:07d}", vector=vecs[i], path=f"/music/{start + i}.flac",
-                             title=f"Song {start + i}", artist=f"Artist {(start + i) % 997}", album="",
-                             duration_s=200.0, model_id="bench", file_size=1, file_mtime=1.0, embedded_at=1.0)  # fmt: skip
-                    for i in range(n)
-                ],
-            )
+            store.upsert(m, [track_row(start + i, vecs[i]) for i in range(n)])
         print(f"  wrote {rows - have} {m} rows ({dims[m]} dims) in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -103,6 +126,32 @@ async def run(args: argparse.Namespace) -> None:
     io = StoreIO(store, {m: CATALOG[m].collection for m in MODELS})
     service = SimpleNamespace(executor=_Executor(dims), store_io=io, library=None)
     rng = np.random.default_rng(2)
+    if not args.no_index:
+        index = VectorIndex(args.cache_mb << 20)
+        store.index = io.reader.index = index
+        for m in MODELS:
+            started = time.perf_counter()
+            held = await index.build(io, m, dims[m])
+            assert held is not None, index.view()
+            print(f"  index of {m}: {len(held)} tracks x {held.width} dims ({'exact' if held.exact else 'projected'}), "
+                  f"{held.nbytes / 2**20:.0f} MiB, built in {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+    print(f"searches: {'Milvus (no index)' if args.no_index else 'the in-memory index'}; "
+          f"load: {'a batch job (nice-10 CPU hog + upserts)' if args.load else 'none'}", flush=True)
+    hog = writer = None
+    if args.load:
+        hog = subprocess.Popen([sys.executable, "-c", _LOAD])
+
+        async def write_forever() -> None:
+            wrng = np.random.default_rng(9)
+            i = args.rows
+            while True:
+                batch = {m: [track_row(i + j, wrng.normal(size=dims[m]).astype(np.float32)) for j in range(32)] for m in MODELS}
+                await io.call(lambda s: [s.upsert(m, rs) for m, rs in batch.items()])
+                i += 32
+                await asyncio.sleep(1.0)
+
+        writer = asyncio.ensure_future(write_forever())
+        await asyncio.sleep(2.0)
 
     async def one(models: list[str], seeds: int, **extra) -> float:
         ids = [f"t{i:07d}" for i in rng.choice(args.rows, seeds, replace=False)]
@@ -114,6 +163,10 @@ async def run(args: argparse.Namespace) -> None:
         assert len(result["tracks"]) == args.limit, result["warnings"]
         return took
 
+    def cpu_s() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
     cases = [
         (f"{args.seeds} seeds x 3 models (union)", list(MODELS), args.seeds, {}),
         (f"{args.seeds} seeds x 3 models, diversity 0.3", list(MODELS), args.seeds, {"diversity": 0.3}),
@@ -123,13 +176,62 @@ async def run(args: argparse.Namespace) -> None:
     for name, models, seeds, extra in cases:
         for _ in range(3):  # warm-up: collections loaded, caches warm
             await one(models, seeds, **extra)
+        load0, cpu0 = os.getloadavg()[0], cpu_s()
         times = sorted([await one(models, seeds, **extra) for _ in range(args.requests)])
+        cpu = (cpu_s() - cpu0) / args.requests * 1000
         p50 = statistics.median(times) * 1000
         p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))] * 1000
-        print(f"{name:<40} limit {args.limit}: p50 {p50:7.1f} ms   p95 {p95:7.1f} ms   ({args.requests} requests)", flush=True)
+        print(f"{name:<40} limit {args.limit}: p50 {p50:7.1f} ms   p95 {p95:7.1f} ms   ({args.requests} requests; "
+              f"{cpu:.0f} ms CPU each; host load {load0:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    if writer is not None:
+        writer.cancel()
+    if hog is not None:
+        hog.kill()
+        hog.wait()
     await io.close(10.0)
     if server is not None:
         server.stop()
+
+
+def recall(args: argparse.Namespace) -> None:
+    """MERT's projection against brute force at the real width: per-seed recall of the neighbours, score error."""
+    from embedd.recommend import neighbours
+
+    dim, n, k = 76_800, args.recall_rows, neighbours(args.limit)
+    rng = np.random.default_rng(4)
+    # Tracks of a style lie together (clusters), all share a common direction (real embeddings are
+    # anisotropic: random tracks are far from orthogonal), and a few dims are much larger (outlier features).
+    scale = np.where(rng.random(dim) < 0.001, 20.0, 1.0).astype(np.float32)
+    common = rng.normal(size=dim).astype(np.float32)
+    centers = rng.normal(size=(args.clusters, dim)).astype(np.float32)
+    mi = ModelIndex("mert", "bench", dim, n)
+    assert not mi.exact and mi.width == PROJECTED_DIM
+    exact = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 500):
+        m = min(500, n - start)
+        v = (common + centers[rng.integers(0, args.clusters, m)] + args.noise * rng.normal(size=(m, dim)).astype(np.float32)) * scale
+        exact[start : start + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        mi.put([f"t{start + i}" for i in range(m)], v, from_build=True)
+    mi.finish_build()
+    seeds = rng.choice(n, args.seeds, replace=False)
+    truth = exact[seeds] @ exact.T
+    held = mi.get([f"t{i}" for i in seeds])
+    got = mi.search(np.stack([held[f"t{i}"] for i in seeds]), k + 1)
+    recalls, errors, quality = [], [], []
+    for row, s, hits in zip(truth, seeds, got):
+        row[s] = -np.inf  # the seed itself
+        want = np.argpartition(-row, k)[:k]
+        have = [int(t[1:]) for t, _ in hits if int(t[1:]) != s][:k]
+        recalls.append(len(set(want.tolist()) & set(have)) / k)
+        quality.append(float(row[have].sum() / row[want].sum()))  # true cosines of those returned / of the true top k
+        errors.extend(abs(score - row[int(t[1:])]) for t, score in hits if int(t[1:]) != s)
+    rec = np.array(recalls)
+    typical = float(np.median(truth[np.isfinite(truth)]))
+    print(f"MERT projection {dim} -> {PROJECTED_DIM} dims, {n} tracks ({args.clusters} clusters, noise {args.noise}, "
+          f"median cosine of two tracks {typical:.2f}), {args.seeds} seeds, k = {k}: recall@k mean {rec.mean():.3f}, "
+          f"min {rec.min():.3f}; true cosine of those returned / of the true top k: mean {np.mean(quality):.4f}, "
+          f"min {np.min(quality):.4f}; |score error| median {np.median(errors):.4f}, p95 {np.percentile(errors, 95):.4f}",
+          flush=True)  # fmt: skip
 
 
 def main() -> int:
@@ -143,7 +245,16 @@ def main() -> int:
     parser.add_argument("--data-dir", default="/tmp/embedd-bench-rec")
     parser.add_argument("--fresh", action="store_true", help="delete --data-dir first")
     parser.add_argument("--server", action="store_true", help="a Milvus server (HNSW) instead of Milvus Lite (FLAT)")
+    parser.add_argument("--no-index", action="store_true", help="no in-memory index: every search in Milvus")
+    parser.add_argument("--cache-mb", type=int, default=4096, help="the index's memory budget (vector_cache_mb)")
+    parser.add_argument("--load", action="store_true", help="measure during a simulated batch job")
+    parser.add_argument("--recall", action="store_true", help="only measure MERT's projection against brute force")
+    parser.add_argument("--recall-rows", type=int, default=4000)
+    parser.add_argument("--noise", type=float, default=1.0, help="--recall: within-cluster spread (1.0: clusters barely apart)")
     args = parser.parse_args()
+    if args.recall:
+        recall(args)
+        return 0
     if args.fresh:
         shutil.rmtree(args.data_dir, ignore_errors=True)
     asyncio.run(run(args))

@@ -174,12 +174,11 @@ def merge(
         for tid in per_model[model]:
             found.setdefault(tid, []).append(model)
 
-    def combined(tid: str, among: Iterable[str]) -> Candidate:
-        scores = [(per_model[m][tid][0], m) for m in among]
-        best_score, best_model = max(scores, key=lambda s: s[0])
-        return Candidate(
-            tid, float(np.mean([s for s, _ in scores])), per_model[best_model][tid][1], [m for _, m in scores]
-        )
+    def combined(tid: str, among: Sequence[str]) -> Candidate:
+        # Plain floats (no numpy per candidate: thousands of them per request); the mean sums in order, as np.mean does.
+        held = [per_model[m][tid] for m in among]
+        best = max(range(len(held)), key=lambda i: held[i][0])  # ties: the first
+        return Candidate(tid, sum(h[0] for h in held) / len(held), held[best][1], list(among))
 
     def ranked(cands: Iterable[Candidate]) -> list[Candidate]:
         return sorted(cands, key=lambda c: (-c.score, c.track_id))

@@ -126,7 +126,7 @@ def test_writes_during_a_build_are_replayed_over_it():
 
 
 def test_memory_is_bounded_by_the_budget():
-    mi_bytes = ModelIndex.bytes_for(1000, 64)
+    mi_bytes = ModelIndex.capacity_for(1000, 64)[1]
     vi = VectorIndex(mi_bytes * 3)
     mi = ModelIndex("latent", "phys", 64, 1000)
     mi.may_grow = lambda extra: vi.held_bytes() + extra <= vi.budget
@@ -134,7 +134,7 @@ def test_memory_is_bounded_by_the_budget():
     with vi._lock:
         vi._serving["latent"] = mi
     rng = np.random.default_rng(0)
-    for start in range(0, 6000, 500):
+    for start in range(0, 12_000, 500):
         vi.upserted("latent", "phys", [f"t{start + i}" for i in range(500)], rng.normal(size=(500, 64)))
         assert vi.held_bytes() <= vi.budget
     # It outgrew the budget: dropped, and its searches go to Milvus from now on.
@@ -171,7 +171,8 @@ def test_projection_is_fixed_and_keeps_cosines():
     base = rng.normal(size=(1, dim)).astype(np.float32)
     x = np.concatenate([base + s * rng.normal(size=(1, dim)).astype(np.float32) for s in (0.3, 0.7, 1.0, 2.0, 5.0)])
     np.testing.assert_array_equal(a(x), b(x))
-    assert ModelIndex("mert", "phys", dim, 100).exact  # a handful of tracks: held exactly
+    assert ModelIndex("mert", "phys", dim, ModelIndex.capacity_for(100, dim)[0], rows=100).exact  # a few tracks: exact
+    assert ModelIndex.capacity_for(100, dim)[1] < 100 << 20
     mi = ModelIndex("mert", "phys", dim, 1000)
     assert not mi.exact and mi.width == width and dim > EXACT_MAX_DIM
     true = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (base / np.linalg.norm(base)).T
@@ -225,3 +226,25 @@ def test_built_from_milvus_lite_and_kept_current_by_the_store(tmp_path):
         await io.close(10.0)
 
     asyncio.run(main())
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 30_000), nq=st.integers(1, 6), k=st.integers(1, 80), seed=st.integers(0, 2**16),
+       ties=st.booleans(), masked=st.integers(0, 3000))  # fmt: skip
+def test_top_k_selection_is_exact(rows, nq, k, seed, ties, masked):
+    """The sampled-threshold selection returns exactly the k largest per column (ties, masked rows included)."""
+    from embedd.store.index import _top_k
+
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(rows, nq)).astype(np.float32)
+    if ties:
+        scores = np.round(scores, 1)
+    scores[rng.choice(rows, min(masked, rows), replace=False)] = -np.inf
+    got_s, got_i = _top_k(scores, k)
+    kk = min(k, rows)
+    assert got_s.shape == (nq, kk)
+    for qi in range(nq):
+        want = np.sort(scores[:, qi])[::-1][:kk]
+        np.testing.assert_array_equal(np.sort(got_s[qi])[::-1], want)
+        np.testing.assert_array_equal(scores[got_i[qi], qi], got_s[qi])
+        assert len(set(got_i[qi].tolist())) == kk

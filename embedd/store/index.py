@@ -142,11 +142,14 @@ def _unit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class ModelIndex:
     """One model's vectors of one live collection (``physical``), searched by brute force."""
 
-    def __init__(self, model: str, physical: str, dim: int, capacity: int, *, projected_dim: int = PROJECTED_DIM) -> None:
+    def __init__(
+        self, model: str, physical: str, dim: int, capacity: int, *, projected_dim: int = PROJECTED_DIM, rows: int | None = None
+    ) -> None:
+        """``rows``: the tracks expected (decides exact or projected; default ``capacity``)."""
         self.model, self.physical, self.dim = model, physical, dim
         self.projection = (
             SignProjection(dim, projected_dim, zlib.crc32(f"{model}:{dim}:{projected_dim}".encode()))
-            if not self.held_exactly(capacity, dim, projected_dim)
+            if not self.held_exactly(capacity if rows is None else rows, dim, projected_dim)
             else None
         )
         self.width = projected_dim if self.projection is not None else dim
@@ -169,9 +172,11 @@ class ModelIndex:
         return dim <= max(EXACT_MAX_DIM, projected_dim) or rows * dim <= EXACT_MAX_CELLS
 
     @staticmethod
-    def bytes_for(rows: int, dim: int, projected_dim: int = PROJECTED_DIM) -> int:
+    def capacity_for(rows: int, dim: int, projected_dim: int = PROJECTED_DIM) -> tuple[int, int]:
+        """(rows allocated, bytes) for a collection of ``rows``: 10 % headroom plus up to 1024 rows (16 M floats)."""
         width = dim if ModelIndex.held_exactly(rows, dim, projected_dim) else projected_dim
-        return rows * (width * 4 + ROW_OVERHEAD)
+        capacity = int(rows * 1.1) + max(16, min(1024, (16 << 20) // width))
+        return capacity, capacity * (width * 4 + ROW_OVERHEAD)
 
     @property
     def nbytes(self) -> int:
@@ -262,7 +267,7 @@ class ModelIndex:
         live = [s for s, t in enumerate(self._ids) if t is not None]
         capacity = max(16, int((len(live) + incoming) * 1.5))
         extra = (capacity - self._mat.shape[0]) * (self.width * 4 + ROW_OVERHEAD)
-        if self.exact and not self.held_exactly(capacity // 2, self.dim, PROJECTED_DIM):
+        if self.exact and not self.held_exactly(len(live) + incoming, self.dim, PROJECTED_DIM):
             self.overflowed = True  # a wide model outgrew exact search: rebuilt projected at the next look
         if extra > 0 and not self.may_grow(extra):
             self.overflowed = True
@@ -302,21 +307,18 @@ class ModelIndex:
             )
         masked.sort()
         chunk = max(4096, CHUNK_FLOATS // nq)
-        best_s: list[np.ndarray] = []
+        best_s: list[np.ndarray] = []  # per chunk: (nq x <=k) scores and their rows
         best_i: list[np.ndarray] = []
+        qt = np.ascontiguousarray(q.T)
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
-            scores = q @ mat[start:end].T
+            scores = mat[start:end] @ qt  # rows x queries: BLAS's fastest layout for a thin query block
             lo, hi = np.searchsorted(masked, [start, end])
             if hi > lo:
-                scores[:, masked[lo:hi] - start] = -np.inf
-            if end - start > k:
-                part = np.argpartition(scores, end - start - k, axis=1)[:, end - start - k :]
-                best_s.append(np.take_along_axis(scores, part, axis=1))
-                best_i.append(part + start)
-            else:
-                best_s.append(scores)
-                best_i.append(np.broadcast_to(np.arange(start, end), scores.shape))
+                scores[masked[lo:hi] - start] = -np.inf
+            s_k, i_k = _top_k(scores, k)
+            best_s.append(s_k)
+            best_i.append(i_k + start)
         if not best_s:
             return [[] for _ in range(nq)]
         s_all = np.concatenate(best_s, axis=1)
@@ -337,6 +339,43 @@ class ModelIndex:
                     hits.append((tid, score))
             out.append(hits)
         return out
+
+
+#: Top-k selection samples every SAMPLE_STEP-th row for a threshold, then selects among the rows above it.
+SAMPLE_STEP = 16
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``scores`` (rows x queries), its ``k`` largest values and their rows (unordered), as
+    (queries x k) arrays; fewer rows than k: all of them.
+
+    Exact, and cheaper than a full partition of every column: a threshold per
+    query from a strided sample (its ``2k / step + 2``-th largest, so that about
+    twice k rows pass it), one comparison pass, and a partition of the few rows
+    that passed; a query where fewer than k passed is partitioned in full.
+    """
+    rows, nq = scores.shape
+    if rows <= k:
+        return scores.T.copy(), np.broadcast_to(np.arange(rows), (nq, rows)).copy()
+    by_query = np.ascontiguousarray(scores.T)  # queries x rows: each query's scores contiguous
+    if rows < 8 * SAMPLE_STEP * k:
+        part = np.argpartition(by_query, rows - k, axis=1)[:, rows - k :]
+        return np.take_along_axis(by_query, part, axis=1), part
+    sample = by_query[:, ::SAMPLE_STEP]
+    j = min(sample.shape[1], -(-2 * k // SAMPLE_STEP) + 2)
+    threshold = np.partition(sample, sample.shape[1] - j, axis=1)[:, sample.shape[1] - j]
+    out_s = np.empty((nq, k), dtype=scores.dtype)
+    out_i = np.empty((nq, k), dtype=np.int64)
+    for qi in range(nq):
+        row = by_query[qi]
+        cand = np.flatnonzero(row >= threshold[qi])
+        if len(cand) < k:  # (ties, or masked rows in the sample): the whole row
+            cand = np.argpartition(row, rows - k)[rows - k :]
+        vals = row[cand]
+        pick = np.argpartition(vals, len(vals) - k)[len(vals) - k :]
+        out_i[qi] = cand[pick]
+        out_s[qi] = vals[pick]
+    return out_s, out_i
 
 
 class _Overflow(Exception):
@@ -456,7 +495,7 @@ class VectorIndex:
             store_io.prepare(store, model, dim, any_dim=True)
             name, layout = store.collections.target(model, None)
             count = store.count(model)
-            need = ModelIndex.bytes_for(int(count * 1.1) + 1024, layout.dim, self.projected_dim)
+            capacity, need = ModelIndex.capacity_for(count, layout.dim, self.projected_dim)
             with self._lock:
                 if model in self._building:
                     return None
@@ -468,7 +507,9 @@ class VectorIndex:
                 else:
                     self._refused.pop(model, None)
                     refused = False
-                    mi = ModelIndex(model, layout.physical, layout.dim, int(count * 1.1) + 1024, projected_dim=self.projected_dim)
+                    mi = ModelIndex(
+                        model, layout.physical, layout.dim, capacity, projected_dim=self.projected_dim, rows=count
+                    )
                     mi.may_grow = lambda extra, m=model: self._may_grow(m, extra)
                     self._building[model] = mi  # from here on, writes are logged into it
             if refused:
