@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import contextvars
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Sequence
 
 from pydantic import (
     AliasChoices,
@@ -113,6 +114,26 @@ def env_names(field: str) -> tuple[str, ...]:
 def _names(field: str) -> AliasChoices:
     # The field name (TOML keys, flags) first, so every source hands values in under it.
     return AliasChoices(field, *env_names(field))
+
+
+_WINDOW_RE = re.compile(r"\s*([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-4]):([0-5]\d)\s*", re.ASCII)
+
+
+def parse_windows(texts: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    """``["01:00-07:00", "22:30-23:30"]`` -> minutes of the day ``((60, 420), (1350, 1410))``.
+
+    A window may cross midnight (``22:00-06:00``); raises ValueError naming a bad one.
+    """
+    out = []
+    for text in texts:
+        m = _WINDOW_RE.fullmatch(text)
+        if m is None:
+            raise ValueError(f"{text!r} is not a time window like 01:00-07:00")
+        start, end = int(m.group(1)) * 60 + int(m.group(2)), int(m.group(3)) * 60 + int(m.group(4))
+        if end > 24 * 60 or start == end:
+            raise ValueError(f"{text!r} is not a time window like 01:00-07:00")
+        out.append((start, end))
+    return tuple(out)
 
 
 def source_field(model: str) -> str:
@@ -447,8 +468,6 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
     @field_validator("watch_hours")
     @classmethod
     def _windows(cls, value: list[str]) -> list[str]:
-        from embedd.batch.watch import parse_windows  # the one parser of the format
-
         parse_windows(value)
         return value
 

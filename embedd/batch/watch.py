@@ -49,7 +49,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -59,6 +58,7 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 from embedd.batch.state import Job, JobStatus
 from embedd.errors import Code, EmbeddError
 from embedd.library import _quiescent_wal, parse_navidrome_time
+from embedd.settings import parse_windows  # re-exported: the one parser of the format
 
 __all__ = [
     "MASS_MISSING_MIN",
@@ -83,26 +83,6 @@ MASS_MISSING_MIN = 20
 _KINDS = ("added", "changed", "removed")
 
 # ---------------------------------------------------------------- settings
-
-
-_WINDOW_RE = re.compile(r"\s*([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-4]):([0-5]\d)\s*", re.ASCII)
-
-
-def parse_windows(texts: Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """``["01:00-07:00", "22:30-23:30"]`` -> minutes of the day ``((60, 420), (1350, 1410))``.
-
-    A window may cross midnight (``22:00-06:00``); raises ValueError naming a bad one.
-    """
-    out = []
-    for text in texts:
-        m = _WINDOW_RE.fullmatch(text)
-        if m is None:
-            raise ValueError(f"{text!r} is not a time window like 01:00-07:00")
-        start, end = int(m.group(1)) * 60 + int(m.group(2)), int(m.group(3)) * 60 + int(m.group(4))
-        if end > 24 * 60 or start == end:
-            raise ValueError(f"{text!r} is not a time window like 01:00-07:00")
-        out.append((start, end))
-    return tuple(out)
 
 
 def _in_windows(windows: Sequence[tuple[int, int]], minute: int) -> bool:

@@ -88,14 +88,14 @@ class EmbeddingModel(abc.ABC):
         except EmbeddError:
             raise
         except Exception as exc:  # the loader's own reason goes to the client, as one line
-            from embedd.settings import env_names, source_field  # the settings layer names the knob
-
-            field = source_field(self.name)
+            # the setting that names the weights (embedd.settings.source_field), spelt out here:
+            # the models layer sits below the settings
+            field = f"{self.name}_model"
             reason = (str(exc).strip().splitlines() or [""])[0].rstrip(".")
             raise EmbeddError(
                 Code.UNAVAILABLE,
                 f"model {self.name!r} could not be loaded from {self.spec.source!r}: "
-                f"{type(exc).__name__}: {reason}; point {' / '.join(env_names(field))} (--{field.replace('_', '-')}) "
+                f"{type(exc).__name__}: {reason}; point EMBEDD_{field.upper()} (--{field.replace('_', '-')}) "
                 "at a local copy of the weights or a hub id in the hub cache (docs/operations.md §3 Model weights)",
             ) from exc
         self._loaded = True
