@@ -4,7 +4,9 @@ Why. A recommendation searches each model for the neighbours of tens of seeds.
 Milvus answers that in seconds on a small CPU (Milvus Lite's only index is
 FLAT; a server's HNSW still pays a gRPC round trip, a filter and a merge per
 query batch); a brute-force product of the seed block with a matrix of unit
-vectors answers it in tens of milliseconds, exactly, with BLAS on both cores.
+vectors answers it several times faster, exactly, with BLAS on both cores
+(its cost is streaming the matrix: about 0.3 s of CPU for 50 seeds over
+100,000 MuQ tracks; figures in BENCHMARKS.md).
 
 What is held, per model (:class:`ModelIndex`):
 
@@ -13,7 +15,8 @@ What is held, per model (:class:`ModelIndex`):
   are the cosines Milvus would give (to float32 rounding) and its neighbours the
   true ones: brute force, no approximation;
 * **projected** (a wider model: MERT's 76,800 floats are 30 GB per 100,000
-  tracks): a fixed random sign projection to :data:`PROJECTED_DIM` dims
+  tracks; held exactly only while the matrix stays under :data:`EXACT_MAX_CELLS`
+  floats, a few hundred tracks): a fixed random sign projection to :data:`PROJECTED_DIM` dims
   (a sparse Johnson-Lindenstrauss transform: each input dim adds, with a random
   sign, into one of the output dims), scaled to unit length. Cosines in that
   space estimate the true ones (error about ``(1 - cos^2) / sqrt(1024)``); the
