@@ -30,8 +30,8 @@ from embedd.models.base import AudioEmbedding
 
 __all__ = ["EmbedAudio", "decode_targets", "embed_decoded"]
 
-#: One executor job: ``(model, waveform)`` → that model's embedding of the track.
-EmbedAudio = Callable[[str, np.ndarray], Awaitable[AudioEmbedding]]
+#: One executor job: ``(model, waveform, the track's seconds)`` → that model's embedding of the track.
+EmbedAudio = Callable[[str, np.ndarray, float], Awaitable[AudioEmbedding]]
 
 
 def decode_targets(models: Iterable[str]) -> set[Target]:
@@ -67,7 +67,7 @@ async def embed_decoded(
 
     async def one(model: str) -> AudioEmbedding:
         info = CATALOG[model]
-        return _with_direction(model, await embed(model, audio.waveform(*info.decode_target)))
+        return _with_direction(model, await embed(model, audio.waveform(*info.decode_target), audio.duration_s))
 
     try:
         outcomes = await asyncio.gather(*(one(m) for m in models), return_exceptions=return_exceptions)

@@ -546,11 +546,18 @@ class Executor:
         job = _Job(lane, asyncio.get_running_loop().create_future(), fn=fn, model=model)
         return await self._submit(job)
 
-    async def embed_audio(self, lane: Lane, model: str, waveform: np.ndarray) -> AudioEmbedding:
-        """Embed one track; coalesced with other queued tracks of the same model."""
+    async def embed_audio(
+        self, lane: Lane, model: str, waveform: np.ndarray, seconds: float | None = None
+    ) -> AudioEmbedding:
+        """Embed one track; coalesced with other queued tracks of the same model.
+
+        ``seconds``: the track's duration, for the audio-seconds metric (a model that
+        takes the file's own rate, Music2Latent, gets samples at a rate only the
+        decoder knows); without it, the samples at the model's catalogue rate.
+        """
         job = _Job(lane, asyncio.get_running_loop().create_future(), model=model, waveform=waveform, kind="audio")
         embedding = await self._submit(job)
-        self.audio_seconds[model] += waveform.shape[-1] / CATALOG[model].sample_rate
+        self.audio_seconds[model] += seconds if seconds is not None else waveform.shape[-1] / CATALOG[model].sample_rate
         return embedding
 
     async def embed_text(self, lane: Lane, model: str, text: str) -> TextEmbedding:

@@ -33,7 +33,7 @@ async def test_each_model_gets_its_waveform_results_keep_the_models_order_and_th
     audio = _track(released)
     seen: dict[str, tuple[int, ...]] = {}
 
-    async def embed(model: str, wave: np.ndarray) -> AudioEmbedding:
+    async def embed(model: str, wave: np.ndarray, seconds: float) -> AudioEmbedding:
         seen[model] = wave.shape
         if model == "latent":
             await asyncio.sleep(0)  # finishes last: the order still follows the request
@@ -47,7 +47,7 @@ async def test_each_model_gets_its_waveform_results_keep_the_models_order_and_th
 
 
 async def test_a_failing_model_fails_the_track_or_is_its_value_and_the_audio_is_released_either_way():
-    async def embed(model: str, wave: np.ndarray) -> AudioEmbedding:
+    async def embed(model: str, wave: np.ndarray, seconds: float) -> AudioEmbedding:
         if model == "mert":
             raise EmbeddError(Code.INTERNAL, "mert broke")
         return AudioEmbedding(np.ones(4, np.float32), windows=1)
@@ -67,7 +67,7 @@ async def test_a_failing_model_fails_the_track_or_is_its_value_and_the_audio_is_
 async def test_a_cancelled_track_releases_its_audio():
     started = asyncio.Event()
 
-    async def embed(model: str, wave: np.ndarray) -> AudioEmbedding:
+    async def embed(model: str, wave: np.ndarray, seconds: float) -> AudioEmbedding:
         started.set()
         await asyncio.Event().wait()  # the executor never answers
         raise AssertionError("unreachable")
@@ -84,7 +84,7 @@ async def test_a_cancelled_track_releases_its_audio():
 async def test_an_all_zero_embedding_is_that_models_unsupported_error_not_a_vector():
     """No direction, no vector: the same rule for every model, the track's other models kept."""
 
-    async def embed(model: str, wave: np.ndarray) -> AudioEmbedding:
+    async def embed(model: str, wave: np.ndarray, seconds: float) -> AudioEmbedding:
         return AudioEmbedding(np.zeros(4, np.float32) if model == "mert" else np.full(4, 0.5, np.float32), windows=2)
 
     released: list[int] = []

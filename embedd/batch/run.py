@@ -382,13 +382,13 @@ class Run:
     async def _embed(self, item: Item, audio: DecodedAudio, embed_sem: asyncio.Semaphore) -> Result | None:
         track = item.track
 
-        async def embed(model: str, wave: np.ndarray) -> AudioEmbedding:
+        async def embed(model: str, wave: np.ndarray, seconds: float) -> AudioEmbedding:
             while True:
                 async with embed_sem:
                     if self.reason is StopReason.PAUSE:  # checked holding the permit a withdrawn job released
                         raise EmbeddError(Code.CANCELLED, "the batch job paused")
                     try:
-                        return await self.c.executor.embed_audio(Lane.BATCH, model, wave)
+                        return await self.c.executor.embed_audio(Lane.BATCH, model, wave, seconds)
                     except EmbeddError as exc:
                         if exc.code is not Code.OVERLOADED:
                             raise
