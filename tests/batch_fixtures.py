@@ -148,7 +148,7 @@ class BatchDaemon(Daemon):
     def progress(self) -> dict:
         return self.ok("batch_progress")
 
-    def wait_for(self, predicate, timeout: float = 60.0, poll: float = 0.05) -> dict:
+    def wait_for(self, predicate, timeout: float = 180.0, poll: float = 0.05) -> dict:
         deadline = time.monotonic() + timeout
         p = self.progress()
         while not predicate(p):
@@ -158,7 +158,7 @@ class BatchDaemon(Daemon):
             p = self.progress()
         return p
 
-    def wait_final(self, timeout: float = 90.0) -> dict:
+    def wait_final(self, timeout: float = 300.0) -> dict:
         return self.wait_for(lambda p: p["status"] in _FINAL, timeout)
 
     def kill(self) -> None:

@@ -112,7 +112,9 @@ def test_mert_backend_runs_the_channels_last_encoder_and_matches_stock_hubert(ti
         sr = mert.info.sample_rate
         track = np.random.default_rng(2).standard_normal((1, 7 * sr)).astype(np.float32)
         [lat] = mert.window_latents([track])  # type: ignore[attr-defined]
-        inputs = mert._extractor(track[0], sampling_rate=sr, return_tensors="pt")  # type: ignore[attr-defined]
+        # a track shorter than one window is padded with silence to a whole window (parity, issue 23)
+        padded = np.pad(track[0], (0, 30 * sr - track.shape[-1]))
+        inputs = mert._extractor(padded, sampling_rate=sr, return_tensors="pt")  # type: ignore[attr-defined]
         with torch.inference_mode():
             states = stock(inputs["input_values"], output_hidden_states=True).hidden_states
         torch.testing.assert_close(lat[:, 0], torch.cat([h[0].mean(dim=0) for h in states]), rtol=1e-4, atol=1e-5)
