@@ -239,6 +239,8 @@ def main() -> None:
     parser.add_argument("--real-mert", action="store_true", help="the 24-layer MERT too (much slower)")
     parser.add_argument("--src", help="run the daemon from this checkout instead (probes only)")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--only-throughput", action="store_true", help="the throughput comparison alone")
+    parser.add_argument("--skip-host", action="store_true", help="no ffmpeg transcode phase")
     args = parser.parse_args()
     models = _models(args.real_mert)
     root = short_tmpdir("bi-")
@@ -247,14 +249,16 @@ def main() -> None:
         args.seed_track = lib.add_good(args.tracks, duration_s=args.track_s)[0].track_id
         print(f"# {os.cpu_count()} CPUs; {args.tracks} tracks x {args.track_s:.0f} s; "
               f"models: muq tiny, mert {'real' if args.real_mert else 'tiny'}, latent real size; src {args.src or REPO}")  # fmt: skip
-        result = {"probe_phase": probe_phase(args, lib, models, root)}
-        print(json.dumps(result, indent=2), flush=True)
+        result: dict = {}
+        if not args.only_throughput:
+            result["probe_phase"] = probe_phase(args, lib, models, root)
+            print(json.dumps(result, indent=2), flush=True)
         if not args.skip_throughput and args.src is None:
             tp_lib = Library(root / "tplib")
             tp_lib.add_good(args.tp_tracks, duration_s=args.track_s)
             result["throughput"] = throughput_phase(args, tp_lib, models, root)
             print(json.dumps(result["throughput"], indent=2), flush=True)
-        if args.src is None:
+        if args.src is None and not (args.skip_host or args.only_throughput):
             result["host"] = host_phase(args, lib, models, root)
             print(json.dumps({"ffmpeg transcode of a 4 x 30 s file": result["host"]}, indent=2), flush=True)
     finally:
