@@ -187,7 +187,7 @@ def reference_latent(trainer: types.SimpleNamespace, path: Path) -> np.ndarray:
 def embedd_vectors(backends: dict[str, EmbeddingModel], path: Path, models: tuple[str, ...]) -> dict:
     audio = decode_file(path, decode_targets(models))
 
-    async def embed(model: str, wave: np.ndarray):
+    async def embed(model: str, wave: np.ndarray, seconds: float):
         return backends[model].embed_audio_many([wave])[0]
 
     return asyncio.run(embed_decoded(audio, list(models), embed))
