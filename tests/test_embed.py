@@ -228,8 +228,10 @@ def test_sigterm_during_a_long_embed_exits_cleanly(tiny_models, sock_dir):
     """The model is mid-forward: shutdown stops it between batches and exits 0 within 10 s."""
     music = sock_dir / "music"
     music.mkdir()
-    long = make_long_wav(music / "ten-minutes.wav", duration_s=600.0)
-    d = Daemon(sock_dir, args=[*model_args(tiny_models), "--music-root", str(music)], env={"HF_HUB_OFFLINE": "1"})
+    long = make_long_wav(music / "twenty-minutes.wav", duration_s=1200.0)
+    # a grace of 1 s for requests in flight at SIGTERM: this one cannot finish in it
+    d = Daemon(sock_dir, args=[*model_args(tiny_models), "--music-root", str(music), "--shutdown-timeout-s", "1"],
+               env={"HF_HUB_OFFLINE": "1"})
     d.start()
     with d.connect(timeout=60) as s:
         s.sendall(frame({"id": 1, "op": "embed_file", "path": str(long), "models": ["latent"]}))

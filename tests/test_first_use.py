@@ -162,5 +162,13 @@ def test_start_and_stop_leave_no_noise_in_the_log(job_daemon, tiny_models):
     assert all(status[m]["loaded"] for m in ("muq", "mert", "latent")), status
     d.stop()
     log = d.log_path.read_text(errors="replace")
-    for noise in ("Loading weights from local directory", "trust_remote_code", "leaked semaphore"):
+    for noise in ("Loading weights from local directory", "trust_remote_code"):
         assert noise not in log, f"{noise!r} in the daemon log:\n{log[-3000:]}"
+    # No semaphore leaks. The resource tracker can still name one it was told about late,
+    # when a worker's unlink reached it after the daemon exited: it then finds the name gone
+    # (ENOENT), so nothing leaked. Only a semaphore it really had to remove is a leak.
+    import re
+
+    claimed = sum(int(n) for n in re.findall(r"There appear to be (\d+) leaked semaphore", log))
+    already_gone = len(re.findall(r"resource_tracker: '/mp-[^']+': \[Errno 2\] No such file or directory", log))
+    assert claimed == already_gone, f"{claimed - already_gone} semaphore(s) leaked:\n{log[-3000:]}"
