@@ -443,7 +443,6 @@ class Executor:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._registry: ModelRegistry | None = None
-        self._snapshot: dict[str, ModelState] = {}
         self._failed: str | None = None
         self._ready = threading.Event()  # set once the registry exists (or the start failed)
         self._described = threading.Event()  # set once the thread knows every model's dims
@@ -492,10 +491,9 @@ class Executor:
         return {"interactive": len(self._queues[Lane.INTERACTIVE]), "batch": len(self._queues[Lane.BATCH])}
 
     def snapshot(self) -> dict[str, ModelState]:
+        """Every model's state now, read from the registry (empty before the thread built it)."""
         registry = self._registry
-        if registry is not None and self._ready.is_set():
-            return registry.snapshot()
-        return self._snapshot
+        return registry.snapshot() if registry is not None else {}
 
     def model_dim(self, name: str) -> int:
         """The model's stored dim: from the loaded model or its config, else the catalogue's."""
@@ -664,7 +662,6 @@ class Executor:
             self._ready.set()
             for name in registry.names:
                 registry.describe(name)
-            self._snapshot = registry.snapshot()
             self._described.set()
             registry.preload_all()
         except BaseException:
@@ -696,7 +693,6 @@ class Executor:
                 registry.unload_all()
             except Exception:
                 log.exception("unloading the models at exit failed")
-            self._snapshot = registry.snapshot()
 
     def _run_batch(self) -> None:
         """Lower the thread's priority and cores, then serve the batch lane."""
@@ -886,9 +882,6 @@ class Executor:
                     "lane": job.lane.label, "kind": job.kind, "model": job.model,
                     "queued_seq": job.queued_seq, "started_seq": job.started_seq, "done_seq": done_seq,
                 })  # fmt: skip
-        # Publish the registry's new state before anyone hears back, so a client that
-        # asks for ``status`` right after its answer sees what its request did.
-        self._snapshot = registry.snapshot()
         for job, (result, exc) in zip(batch, outcomes, strict=True):
             self._resolve(job, result=result, exc=exc)
 
