@@ -26,7 +26,7 @@ Vectors: ``--clusters`` Gaussian clusters (tracks of a style lie together);
 seeds are random stored tracks, a fresh set per request.
 
     .venv/bin/python bench/recommend.py [--server] [--rows 100000] [--seeds 50] [--requests 40] [--data-dir DIR]
-                                        [--no-index] [--load] [--recall]
+                                        [--no-index] [--load] [--recall] [--graph-recall] [--profile]
 
 ``--server`` runs a real Milvus 2.3.5 standalone server (the tests' own,
 tests/milvus_fixtures.py) with embedd's HNSW index; without it, Milvus Lite,
@@ -56,7 +56,8 @@ from embedd.models import CATALOG  # noqa: E402
 from embedd.protocol import parse_request  # noqa: E402
 from embedd.recommend import recommend  # noqa: E402
 from embedd.store import TrackRow, VectorStore  # noqa: E402
-from embedd.store.index import PROJECTED_DIM, ModelIndex, VectorIndex  # noqa: E402
+from embedd.store.index import VectorIndex  # noqa: E402
+from embedd.store.model_index import GRAPH_MIN_ROWS, PROJECTED_DIM, ModelIndex  # noqa: E402
 from embedd.store.io import StoreIO  # noqa: E402
 
 MODELS = ("muq", "mert", "latent")
@@ -127,7 +128,7 @@ async def run(args: argparse.Namespace) -> None:
     service = SimpleNamespace(executor=_Executor(dims), store_io=io, library=None)
     rng = np.random.default_rng(2)
     if not args.no_index:
-        index = VectorIndex(args.cache_mb << 20)
+        index = VectorIndex(args.cache_mb << 20, graph_min_rows=args.graph_min_rows)
         store.index = io.reader.index = index
         for m in MODELS:
             started = time.perf_counter()
@@ -135,6 +136,11 @@ async def run(args: argparse.Namespace) -> None:
             assert held is not None, index.view()
             print(f"  index of {m}: {len(held)} tracks x {held.width} dims ({'exact' if held.exact else 'projected'}), "
                   f"{held.nbytes / 2**20:.0f} MiB, built in {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+            started = time.perf_counter()
+            await asyncio.to_thread(index.wait_graphs)
+            if held.graph is not None:
+                print(f"  graph of {m}: {held.graph.rows} tracks, built in {time.perf_counter() - started:.0f} s "
+                      "(on its own thread, at nice 10)", flush=True)  # fmt: skip
     print(f"searches: {'Milvus (no index)' if args.no_index else 'the in-memory index'}; "
           f"load: {'a batch job (nice-10 CPU hog + upserts)' if args.load else 'none'}", flush=True)
     hog = writer = None
@@ -173,6 +179,19 @@ async def run(args: argparse.Namespace) -> None:
         (f"{args.seeds} seeds x muq", ["muq"], args.seeds, {}),
         ("5 seeds x 3 models", list(MODELS), 5, {}),
     ]
+    if args.profile:  # where a request's time goes (the first case), then stop
+        import cProfile
+        import pstats
+
+        for _ in range(3):
+            await one(list(MODELS), args.seeds)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            await one(list(MODELS), args.seeds)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        cases = []
     for name, models, seeds, extra in cases:
         for _ in range(3):  # warm-up: collections loaded, caches warm
             await one(models, seeds, **extra)
@@ -234,6 +253,57 @@ def recall(args: argparse.Namespace) -> None:
           flush=True)  # fmt: skip
 
 
+def graph_recall(args: argparse.Namespace) -> None:
+    """The navigation graph against brute force, in one run: per-seed recall@k, search time, build time.
+
+    Two kinds of vectors at each real width: the bench's clusters (tracks of a
+    style together), and a hard set (isotropic in 256 dims with a decaying
+    spectrum: no clusters to lean on, the graph's worst case among plausible ones).
+    """
+    import threading
+
+    from embedd.recommend import neighbours
+
+    rng = np.random.default_rng(7)
+    n, k = args.rows, neighbours(args.limit)
+    for dim in (1536, 1024, 576):
+        for kind in ("clustered", "hard"):
+            if kind == "clustered":
+                centers = rng.normal(size=(args.clusters, dim)).astype(np.float32)
+                x = centers[rng.integers(0, args.clusters, n)] + 0.9 * rng.normal(size=(n, dim)).astype(np.float32)
+            else:
+                basis = np.linalg.qr(rng.normal(size=(dim, 256)))[0].astype(np.float32)
+                spectrum = (np.arange(1, 257) ** -0.7).astype(np.float32)
+                x = (rng.normal(size=(n, 256)).astype(np.float32) * spectrum) @ basis.T
+                x += 0.02 * rng.normal(size=(n, dim)).astype(np.float32)
+            ids = [f"t{i}" for i in range(n)]
+            mi = ModelIndex("m", "bench", dim, n + 16, graph_min_rows=1)
+            mi.put(ids, x, from_build=True)
+            mi.finish_build()
+            started = time.perf_counter()
+            mi.build_graph(threading.Event())
+            built = time.perf_counter() - started
+            seeds = rng.choice(n, args.seeds, replace=False)
+            q = mi.to_space(x[seeds])
+            exclude = [ids[i] for i in seeds]
+
+            def timed() -> tuple[float, list]:
+                times = []
+                for _ in range(6):
+                    t0 = time.perf_counter()
+                    out = mi.search(q, k, exclude)
+                    times.append(time.perf_counter() - t0)
+                return statistics.median(times[1:]) * 1000, out
+
+            t_graph, got = timed()
+            graph, mi.graph = mi.graph, None
+            t_exact, want = timed()
+            mi.graph = graph
+            recall = np.mean([len({t for t, _ in g} & {t for t, _ in w}) / k for g, w in zip(got, want)])
+            print(f"{dim:>5} dims, {kind:<9}: recall@{k} {recall:.3f}; {args.seeds} seeds: graph {t_graph:6.1f} ms, "
+                  f"exact {t_exact:6.1f} ms ({t_exact / t_graph:.1f}x); graph built in {built:.0f} s", flush=True)  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -247,13 +317,21 @@ def main() -> int:
     parser.add_argument("--server", action="store_true", help="a Milvus server (HNSW) instead of Milvus Lite (FLAT)")
     parser.add_argument("--no-index", action="store_true", help="no in-memory index: every search in Milvus")
     parser.add_argument("--cache-mb", type=int, default=4096, help="the index's memory budget (vector_cache_mb)")
+    parser.add_argument("--graph-min-rows", type=int, default=GRAPH_MIN_ROWS,
+                        help="vector_graph_min_rows (0: exact search only, as before the graphs)")  # fmt: skip
     parser.add_argument("--load", action="store_true", help="measure during a simulated batch job")
+    parser.add_argument("--profile", action="store_true", help="profile 10 requests (cProfile, by own time) instead")
     parser.add_argument("--recall", action="store_true", help="only measure MERT's projection against brute force")
     parser.add_argument("--recall-rows", type=int, default=4000)
+    parser.add_argument("--graph-recall", action="store_true",
+                        help="only measure the navigation graph against exact search (--rows vectors per width)")  # fmt: skip
     parser.add_argument("--noise", type=float, default=1.0, help="--recall: within-cluster spread (1.0: clusters barely apart)")
     args = parser.parse_args()
     if args.recall:
         recall(args)
+        return 0
+    if args.graph_recall:
+        graph_recall(args)
         return 0
     if args.fresh:
         shutil.rmtree(args.data_dir, ignore_errors=True)

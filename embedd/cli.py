@@ -5,6 +5,8 @@ Client subcommands print something a person can read, or the raw result with
 it answers an error (exit 1), or when it cannot be reached (exit 3). Following
 a batch job exits 0 when it finished (``completed`` or ``completed_with_errors``)
 and 1 when it ``failed`` or was ``cancelled``.
+
+Long because: every subcommand's arguments and its printer; each printer is a few lines.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Code", "EmbeddError", "StartupError"]
+__all__ = ["Code", "EmbeddError", "Misuse", "StartupError"]
 
 
 class Code(str, enum.Enum):
@@ -49,6 +49,14 @@ class EmbeddError(Exception):
 
     def __repr__(self) -> str:
         return f"EmbeddError({self.code.value!r}, {self.message!r})"
+
+
+class Misuse(RuntimeError):
+    """embedd's own code used one of its components wrongly: a bug, never a client's doing.
+
+    Raised instead of ``assert`` (which ``python -O`` removes); the message says
+    what was expected, so that the bug is fixed where the message points.
+    """
 
 
 class StartupError(Exception):

@@ -33,6 +33,9 @@ the first one's load), used concurrently (the backends keep no per-call state
 on the object), and never unloaded while a thread is inside it, while work for
 it is queued, or while the running batch job uses it (``pin``). What the event
 loop may see of it (``snapshot``) is plain data replaced wholesale.
+
+Long because: the two lane threads, their scheduling between passes and the model
+registry they share.
 """
 
 from __future__ import annotations

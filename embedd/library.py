@@ -51,6 +51,8 @@ rescanned by Navidrome is picked up by the first job after Navidrome's scan.
 
 Shards split one library between n daemons: track ``t`` belongs to shard
 ``i/n`` (0-based ``i``) when ``blake2b-64(t) mod n == i``; see :func:`shard_of`.
+
+Long because: one reader of Navidrome's schema across its versions.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import numpy as np
 
 from embedd import PROTOCOL_VERSION
 from embedd.embedding import decode_targets, embed_decoded
-from embedd.errors import Code, EmbeddError
+from embedd.errors import Code, EmbeddError, Misuse
 from embedd.executor import Lane
 from embedd.models import CATALOG, text_model_hint
 from embedd.protocol import (
@@ -111,13 +111,15 @@ def build_handlers(service: Service) -> dict[str, Handler]:
     }
     handlers.update(service.batch.handlers())
     missing = set(OP_SCHEMAS) - set(handlers)
-    assert not missing, f"ops without a handler: {sorted(missing)}"  # a bug, caught at start-up
+    if missing:  # a bug, caught at start-up
+        raise Misuse(f"ops without a handler: {sorted(missing)}; add them to the op table in embedd/ops.py")
     return handlers
 
 
 async def _embed_file(service: Service, args: EmbedFileArgs) -> dict:
     decoder = service.decoder
-    assert decoder is not None, "embed_file before the service started"
+    if decoder is None:
+        raise Misuse("embed_file before the service started: Service.start() creates the decoder")
     targets = decode_targets(args.models)
     if args.path is not None:
         audio = await decoder.decode_path(args.path, targets)

@@ -16,6 +16,8 @@ Each connection is an ``asyncio.Protocol``: bytes in, frames out of the
 answered inline), responses written as they complete, in any order. A client
 that stops reading gets no more of its requests read; a client that goes away
 has its pending work cancelled.
+
+Long because: the socket server: framing, connections, limits and shutdown in one loop.
 """
 
 from __future__ import annotations

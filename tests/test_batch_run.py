@@ -192,8 +192,12 @@ async def test_pause_checkpoints_and_resume_goes_on_from_there(
         await d.first_embedded()
         async with d.executor_held():
             pausing = asyncio.ensure_future(d.op("batch_pause"))
-            await asyncio.sleep(0)  # one loop turn: the pause has asked the run to stop taking tracks
-            assert not pausing.done()  # it waits for the tracks in flight, held at the executor
+            run = d.service.batch._run
+            assert run is not None
+            await asyncio.wait_for(run.stop_taking.wait(), 60)  # the pause has asked the run to stop taking tracks
+            for _ in range(100):  # ... and, however many loop turns pass, waits for the tracks held at the executor
+                await asyncio.sleep(0)
+            assert not pausing.done()
         paused = await pausing
         assert paused["status"] == "paused", paused
         settled = paused["processed_tracks"]

@@ -339,12 +339,10 @@ async def test_full_lane_answers_overloaded_at_once(running):
     await wait_for(lambda: model.entered == 1)
     waiting = [asyncio.create_task(ex.embed_text(Lane.INTERACTIVE, "muq", f"w{i}")) for i in range(2)]
     await wait_for(lambda: ex.queue_depths["interactive"] == 2)
-    started = time.perf_counter()
-    with pytest.raises(EmbeddError) as info:
+    with pytest.raises(EmbeddError) as info:  # at once: the running call is gated, waiting for it would hang
         await ex.embed_text(Lane.INTERACTIVE, "muq", "one too many")
-    assert info.value.code is Code.OVERLOADED
+    assert info.value.code is Code.OVERLOADED and not model.gate.is_set()
     assert "interactive" in info.value.message
-    assert time.perf_counter() - started < 0.1
     # the batch lane has its own bound
     queued_batch = asyncio.create_task(ex.embed_text(Lane.BATCH, "muq", "b0"))
     await wait_for(lambda: ex.queue_depths["batch"] == 1)

@@ -12,7 +12,7 @@ PACKAGE = REPO / "embedd"
 
 #: Lower layers first; a module may import only from its own layer or below.
 LAYERS: list[set[str]] = [
-    {"embedd", "embedd.errors", "embedd.forkserver_guard", "embedd.systemd", "embedd.lockfile", "embedd.http.address"},
+    {"embedd", "embedd.errors", "embedd.forkserver_guard", "embedd.systemd", "embedd.lockfile", "embedd.address"},
     {"embedd.models", "embedd.models.*"},
     {"embedd.protocol", "embedd.settings", "embedd.frame", "embedd.admission"},
     {"embedd.audio", "embedd.audio.*", "embedd.embedding", "embedd.library", "embedd.store", "embedd.store.*", "embedd.executor"},
@@ -24,20 +24,10 @@ LAYERS: list[set[str]] = [
     {"embedd.cli", "embedd.__main__"},
 ]
 
-#: Modules allowed above the size limit, and why.
-LONG_MODULES = {
-    "embedd.batch.state": "one SQLite schema and the transactions on it; splitting would scatter the schema",
-    "embedd.library": "one reader of Navidrome's schema across its versions",
-    "embedd.settings": "every setting's declaration and help text",
-    "embedd.server": "the socket server: framing, connections, limits and shutdown in one loop",
-    "embedd.executor": "the two lane threads, their scheduling between passes and the model registry they share",
-    "embedd.cli": "every subcommand's arguments and its printer; each printer is a few lines",
-    "embedd.batch.watch": "the watcher's poll, its snapshot of the library and the debounce, one state machine",
-    "embedd.recommend": "the pure ranking (per-model scores, merge, penalties, MMR) beside its one I/O function",
-    "embedd.store.index": "the in-memory index: its matrix, its projection beyond 2048 dims and keeping it current",
-    "embedd.store.vector_store": "every Milvus operation of the store, each a few lines",
-}
+#: A module over this many lines states in its docstring why it is long (a paragraph "Long because: ...").
 MAX_LINES = 450
+#: ... and none is over this, whatever the reason.
+HARD_MAX_LINES = 1000
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -113,10 +103,13 @@ def test_no_import_cycles_between_modules():
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_modules_are_of_a_readable_size(module):
-    lines = len(MODULES[module].read_text().splitlines())
-    if module in LONG_MODULES:
-        return
-    assert lines <= MAX_LINES, f"{module} has {lines} lines; split it or state why in LONG_MODULES"
+    """Every module: at most MAX_LINES, or its docstring says why it is longer; none past HARD_MAX_LINES."""
+    text = MODULES[module].read_text()
+    lines = len(text.splitlines())
+    assert lines <= HARD_MAX_LINES, f"{module} has {lines} lines; split it along its concerns"
+    if lines > MAX_LINES:
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        assert "Long because: " in doc, f"{module} has {lines} lines; split it, or say why in its docstring (Long because: ...)"
 
 
 def test_no_any_typed_back_references_in_the_batch_job():

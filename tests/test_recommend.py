@@ -504,12 +504,12 @@ def test_model_scores_is_brute_force_best_over_seeds(tracks, seeds):
 
 @settings(max_examples=60, deadline=None)
 @given(st.dictionaries(st.sampled_from(MODELS), st.dictionaries(st.sampled_from("abcdefgh"), st.floats(0.01, 1), max_size=8), min_size=1),
-       st.integers(1, 3))  # fmt: skip
-def test_merge_matches_reference(per, agreement):
+       st.integers(1, 3), st.none() | st.integers(1, 10))  # fmt: skip
+def test_merge_matches_reference(per, agreement, top):
     per_model = {m: {t: (s, f"r-{m}") for t, s in d.items()} for m, d in per.items()}
     for strategy in ("union", "intersection", "priority"):
-        got = merge(per_model, strategy, min_agreement=agreement)
-        want = bf_merge(per_model, strategy, agreement)
+        got = merge(per_model, strategy, min_agreement=agreement, top=top)
+        want = bf_merge(per_model, strategy, agreement)[:top]
         assert [(c.track_id, pytest.approx(c.score)) for c in got] == [(t, s) for t, s in want]
         assert len({c.track_id for c in got}) == len(got)
 

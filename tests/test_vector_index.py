@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from embedd.errors import Code, EmbeddError
 from embedd.store import TrackRow, VectorStore
-from embedd.store.index import EXACT_MAX_DIM, ModelIndex, SignProjection, VectorIndex
+from embedd.store.index import VectorIndex
+from embedd.store.model_index import EXACT_MAX_DIM, GRAPH_TAIL_MIN, ModelIndex, SignProjection
 from embedd.store.io import StoreIO
 
 
@@ -68,7 +69,7 @@ def test_search_is_brute_force_cosine(n, dim, nq, k, seed, excl):
 
 
 def test_chunked_search_matches_one_block(monkeypatch):
-    import embedd.store.index as index
+    import embedd.store.model_index as index
 
     rng = np.random.default_rng(3)
     vecs = rng.normal(size=(20_000, 32)).astype(np.float32)
@@ -180,13 +181,19 @@ def test_projection_is_fixed_and_keeps_cosines():
     assert np.max(np.abs(true - approx)) < 4 * np.max(1 - true**2) / np.sqrt(width) + 1e-3
 
 
-def test_built_from_milvus_lite_and_kept_current_by_the_store(tmp_path):
-    """A real Lite collection: the index builds through the read lane, then the store's writes land in it."""
+@pytest.mark.parametrize("graph_min_rows", [0, 100], ids=["exact", "graph"])
+def test_built_from_milvus_lite_and_kept_current_by_the_store(tmp_path, graph_min_rows):
+    """A real Lite collection: the index builds through the read lane, then the store's writes land in it.
+
+    With a graph (a collection over ``graph_min_rows``): built after the index, on its own thread; the
+    rows written after it (searched exactly beside it) and the rows deleted (filtered from its answers)
+    are handled alike. 300 rows are fewer than the graph's search width, so its answers are exact here.
+    """
 
     async def main() -> None:
         store = VectorStore(str(tmp_path / "milvus.db"))
         io = StoreIO(store, {"latent": "embedd_latent_test"})
-        vi = VectorIndex(64 << 20)
+        vi = VectorIndex(64 << 20, graph_min_rows=graph_min_rows)
         store.index = io.reader.index = vi
         rng = np.random.default_rng(5)
         vecs = rng.normal(size=(300, 576)).astype(np.float32)
@@ -209,6 +216,11 @@ def test_built_from_milvus_lite_and_kept_current_by_the_store(tmp_path):
             await asyncio.sleep(0.05)
         mi = vi.serving("latent", physical)
         assert mi is not None and len(mi) == 300 and mi.exact
+        if graph_min_rows:
+            await asyncio.to_thread(vi.wait_graphs, 60)
+            assert mi.graph is not None and vi.view()["latent"]["graph"] == 300
+        else:
+            assert mi.graph is None and vi.view()["latent"]["graph"] is None
         ids = [f"t{i}" for i in range(300)]
         q = vecs[:4]
         milvus = await io.read(lambda s: s.search_many("latent", list(q), 10))
@@ -223,6 +235,7 @@ def test_built_from_milvus_lite_and_kept_current_by_the_store(tmp_path):
         await io.call(lambda s: s.delete("latent", ["t999", "t0"]))
         assert "t999" not in mi.get(["t999"]) and len(mi) == 299
         assert all(t != "t0" for t, _ in mi.search(mi.to_space(vecs[:1]), 5)[0])
+        await vi.stop()
         await io.close(10.0)
 
     asyncio.run(main())
@@ -233,7 +246,7 @@ def test_built_from_milvus_lite_and_kept_current_by_the_store(tmp_path):
        ties=st.booleans(), masked=st.integers(0, 3000))  # fmt: skip
 def test_top_k_selection_is_exact(rows, nq, k, seed, ties, masked):
     """The sampled-threshold selection returns exactly the k largest per column (ties, masked rows included)."""
-    from embedd.store.index import _top_k
+    from embedd.store.model_index import _top_k
 
     rng = np.random.default_rng(seed)
     scores = rng.normal(size=(rows, nq)).astype(np.float32)
@@ -248,3 +261,87 @@ def test_top_k_selection_is_exact(rows, nq, k, seed, ties, masked):
         np.testing.assert_array_equal(np.sort(got_s[qi])[::-1], want)
         np.testing.assert_array_equal(scores[got_i[qi], qi], got_s[qi])
         assert len(set(got_i[qi].tolist())) == kk
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int = 40) -> np.ndarray:
+    centers = rng.normal(size=(clusters, dim)).astype(np.float32)
+    return centers[rng.integers(0, clusters, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)
+
+
+def test_graph_search_scores_exactly_and_finds_the_neighbours():
+    """Past graph_min_rows, a search takes the graph's candidates and re-scores them exactly: every
+    score returned is the true cosine, nearly all true neighbours are found, and excluded, deleted
+    and later-written rows are handled as in exact search."""
+    import threading
+
+    rng = np.random.default_rng(11)
+    n, dim, k = 4000, 48, 30
+    vecs = clustered(rng, n, dim)
+    ids = [f"t{i}" for i in range(n)]
+    mi = ModelIndex("m", "phys", dim, n + 16, graph_min_rows=1000)
+    mi.put(ids, vecs, from_build=True)
+    mi.finish_build()
+    assert mi.graph_due()
+    graph = mi.build_graph(threading.Event())
+    assert graph is not None and mi.graph is graph and graph.rows == n and not mi.graph_due()
+
+    qi = rng.choice(n, 20, replace=False)
+    queries = vecs[qi]
+    exclude = {ids[i] for i in qi}
+    got = mi.search(mi.to_space(queries), k, exclude)
+    want = brute(vecs, ids, queries, k, exclude)
+    recall = np.mean([len({t for t, _ in g} & {t for t, _ in w}) / k for g, w in zip(got, want)])
+    assert recall >= 0.95
+    truth = {t: dict(row) for t, row in zip(range(20), brute(vecs, ids, queries, n))}
+    for i, row in enumerate(got):
+        assert len(row) == k and not {t for t, _ in row} & exclude
+        for tid, score in row:
+            assert score == pytest.approx(truth[i][tid], abs=2e-5)
+        assert [s for _, s in row] == sorted((s for _, s in row), reverse=True)
+
+    # Written after the graph: searched exactly beside it. Deleted: never returned.
+    new = clustered(rng, 5, dim)
+    mi.put([f"new{i}" for i in range(5)], new)
+    mi.remove([ids[0]])
+    hits = mi.search(mi.to_space(np.concatenate([new, vecs[:1]])), 3)
+    assert [row[0][0] for row in hits[:5]] == [f"new{i}" for i in range(5)]
+    assert all(t != ids[0] for t, _ in hits[5])
+    assert mi.graph is graph  # a few writes: the graph stays
+
+
+def test_graph_is_rebuilt_when_outgrown_and_voided_by_a_compaction():
+    import threading
+
+    rng = np.random.default_rng(3)
+    dim = 16
+    mi = ModelIndex("m", "phys", dim, 1000, graph_min_rows=500)
+    mi.finish_build()
+    mi.put([f"a{i}" for i in range(400)], rng.normal(size=(400, dim)).astype(np.float32))
+    assert not mi.graph_due()  # under graph_min_rows: exact search only
+    mi.put([f"b{i}" for i in range(200)], rng.normal(size=(200, dim)).astype(np.float32))
+    assert mi.graph_due()
+    mi.build_graph(threading.Event())
+    assert mi.graph is not None and not mi.graph_due()
+    mi.put([f"c{i}" for i in range(GRAPH_TAIL_MIN + 1)], rng.normal(size=(GRAPH_TAIL_MIN + 1, dim)).astype(np.float32))
+    assert mi.graph is None  # this write outgrew the matrix: compacted, slots renumbered, the graph void
+    assert mi.graph_due()
+    mi.build_graph(threading.Event())
+    rows = mi.graph.rows
+    mi.remove([f"c{i}" for i in range(rows // 10 + 1)])
+    assert mi.graph_due()  # a tenth of its rows deleted since
+
+
+def test_a_stopped_graph_build_leaves_exact_search():
+    import threading
+
+    from embedd.store.graph import GraphStopped
+
+    rng = np.random.default_rng(4)
+    mi = ModelIndex("m", "phys", 8, 700, graph_min_rows=100)
+    mi.put([f"t{i}" for i in range(600)], rng.normal(size=(600, 8)).astype(np.float32), from_build=True)
+    mi.finish_build()
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(GraphStopped):
+        mi.build_graph(stop)
+    assert mi.graph is None and mi.graph_due()  # exact search meanwhile; built again at the next chance

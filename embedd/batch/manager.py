@@ -18,7 +18,7 @@ from embedd.batch.progress import Progress
 from embedd.batch.retry import RetryingStore
 from embedd.batch.run import Collaborators, Run, StopReason, abort_rebuilds, record_status
 from embedd.batch.state import Job, JobStatus, JobStore
-from embedd.errors import Code, EmbeddError
+from embedd.errors import Code, EmbeddError, Misuse
 from embedd.executor import Executor
 from embedd.library import NavidromeLibrary, parse_shard, require_library
 from embedd.protocol import BatchFailuresArgs, BatchStartArgs, BatchWatchArgs, Handler, NoArgs
@@ -270,7 +270,8 @@ class BatchManager:
 
     # ---- internals
     def _launch(self, job: Job, suspects: set[str] | None = None) -> None:
-        assert self._collaborators is not None, "a batch job before start-up"
+        if self._collaborators is None:
+            raise Misuse("a batch job launched before start-up: BatchManager.start() comes first")
         run = Run(self._collaborators, job, suspects)
         self._run = run
         self.progress.running = True

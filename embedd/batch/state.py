@@ -25,6 +25,9 @@ one short transaction (well under a millisecond plus one fsync), and a plain
 ``sqlite3`` connection keeps the code simple. The daemon calls it off the
 event loop (``asyncio.to_thread`` or its own single worker thread); one lock
 serialises callers, so any thread may use the store.
+
+Long because: one SQLite schema and the transactions on it; splitting would scatter the
+schema.
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ until Navidrome deletes the rows or the files come back.
 
 The first poll over a new data directory only takes the snapshot: changes
 before it are for ``embedd batch start``.
+
+Long because: the watcher's poll, its snapshot of the library and the debounce, one
+state machine.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The daemon's HTTP face: health, metrics, the original REST API, the similarity API, every op.
 
-Importing this package is cheap (settings validate ``--http`` with
-:mod:`embedd.http.address`); aiohttp is imported by :mod:`embedd.http.site`.
+Where it listens is parsed below it, in :mod:`embedd.address` (settings validate
+``--http`` there, without pulling this package under settings); aiohttp is
+imported by :mod:`embedd.http.site`.
 """

@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any
 
 from embedd.admission import Admission
-from embedd.errors import EmbeddError
+from embedd.errors import EmbeddError, Misuse
 from embedd.metrics import Metrics
 from embedd.protocol import Handler, Request, parse_request
 from embedd.service import Service
@@ -48,7 +48,8 @@ class HttpContext:
         """Run a non-streaming op with ``fields`` as its arguments; its result map."""
         request = self.parse(op, fields, counted=counted)
         handler = (self.handlers if counted else self.ops)[request.op]
-        assert not handler.streaming, f"{op} streams; use the handler directly"
+        if handler.streaming:
+            raise Misuse(f"{op} streams: call its handler directly, HttpContext.call() collects one result")
         if handler.inline:
             return handler.fn(request.args)
         return await handler.fn(request.args)

@@ -13,7 +13,7 @@ import msgspec
 import numpy as np
 from aiohttp import web
 
-from embedd.errors import Code, EmbeddError
+from embedd.errors import Code, EmbeddError, Misuse
 
 __all__ = ["STATUS", "decode_object", "error_response", "json_response", "jsonable"]
 
@@ -33,7 +33,8 @@ STATUS: dict[Code, int] = {
     Code.CANCELLED: 503,
     Code.INTERNAL: 500,
 }
-assert set(STATUS) == set(Code)
+if set(STATUS) != set(Code):
+    raise Misuse(f"HTTP statuses missing for {sorted(c.value for c in set(Code) - set(STATUS))}: add them to STATUS")
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()

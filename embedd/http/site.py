@@ -26,9 +26,9 @@ import stat
 
 from aiohttp import web
 
-from embedd.errors import Code, EmbeddError, StartupError
+from embedd.errors import Code, EmbeddError, Misuse, StartupError
 from embedd.http import health, legacy, similarity, v1
-from embedd.http.address import HttpAddress
+from embedd.address import HttpAddress
 from embedd.http.context import HttpContext
 from embedd.http.responses import error_response
 
@@ -107,7 +107,8 @@ class HttpSite:
         grace = max(0.5, self.ctx.settings.shutdown_timeout_s - 3.0)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=grace)
         await self._runner.setup()
-        assert self._sock is not None
+        if self._sock is None:
+            raise Misuse("HttpSite.start() before bind(): bind the listening socket first")
         await web.SockSite(self._runner, self._sock, backlog=512).start()
         log.info("embedd HTTP on %s%s", self.url, " (token required)" if self.ctx.settings.http_token else "")
 

@@ -12,7 +12,7 @@ import asyncio
 
 from aiohttp import web
 
-from embedd.errors import Code, EmbeddError
+from embedd.errors import Code, EmbeddError, Misuse
 from embedd.http.context import HttpContext
 from embedd.http.responses import decode_object, encode, json_response
 
@@ -46,7 +46,8 @@ async def _stream(ctx: HttpContext, request: web.Request, frames) -> web.StreamR
     sees the response end without a ``"more": false`` line.
     """
     task = asyncio.current_task()
-    assert task is not None
+    if task is None:
+        raise Misuse("a /v1 stream handler outside a task: aiohttp runs each request in one")
     ctx.streams.add(task)
     response: web.StreamResponse | None = None
     try:

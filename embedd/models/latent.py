@@ -70,7 +70,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from embedd.errors import Code, EmbeddError
+from embedd.errors import Code, EmbeddError, Misuse
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec
 from embedd.models.enrich import enrich
@@ -261,7 +261,8 @@ class Music2LatentModel(EmbeddingModel):
         ``hop``), so a chunk's representation is that of its own samples, and a
         long track never has its whole representation (~1.4 GB/min) on the GPU.
         """
-        assert self._encoder is not None
+        if self._encoder is None:
+            raise Misuse("Music2Latent used before load(): the model registry loads a backend first")
         from music2latent.audio import to_representation_encoder
 
         reps = []
@@ -332,7 +333,8 @@ class Music2LatentModel(EmbeddingModel):
                 pieces = []
                 for i in indices:
                     out = outputs[i]
-                    assert out is not None
+                    if out is None:
+                        raise Misuse(f"Music2Latent: chunk {i} of this pass has no output (every chunk runs once)")
                     pieces.append(out[:, : items[i].frames // down])  # drop the padding's latents
                 per_channel.append(torch.cat(pieces, dim=-1))
             if len(per_channel) == 1:

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from embedd.errors import Misuse
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec
 from embedd.models.enrich import enrich
@@ -114,7 +115,8 @@ class MertModel(EmbeddingModel):
         them). For the real size and a 30 s window this gives 1.25 GB; measured
         (``bench/memory.py``, CPU, fp32, one window per pass): 0.98 GB.
         """
-        assert self._model is not None
+        if self._model is None:
+            raise Misuse("MERT used before load(): the model registry loads a backend first")
         config = self._model.config
         strides = list(getattr(config, "conv_stride", (5, 2, 2, 2, 2, 2, 2)))
         conv_dims = list(getattr(config, "conv_dim", (512,)))
@@ -129,7 +131,8 @@ class MertModel(EmbeddingModel):
 
     def _forward(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
         """``[B, layers * hidden]``: per window, the time-mean of every hidden state."""
-        assert self._model is not None
+        if self._model is None:
+            raise Misuse("MERT used before load(): the model registry loads a backend first")
         inputs = self._extractor(
             list(windows), sampling_rate=self.info.sample_rate, return_tensors="pt", padding=False
         )

@@ -71,7 +71,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from embedd.errors import Code, EmbeddError
+from embedd.errors import Code, EmbeddError, Misuse
 from embedd.models import CATALOG
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
 from embedd.models.enrich import enrich
@@ -189,7 +189,8 @@ class MuQMuLanModel(EmbeddingModel):
         was measured at real size (MuQ-large, 1024 wide) on CPU in fp32 with
         ``bench/memory.py`` (one 10 s clip per pass), rounded up.
         """
-        assert self._model is not None
+        if self._model is None:
+            raise Misuse("MuQ-MuLan used before load(): the model registry loads a backend first")
         width = int(getattr(self._model.mulan_module.audio.model.config, "encoder_dim", _STOCK_WIDTH))  # type: ignore[union-attr]
         return int(samples * BYTES_PER_SAMPLE_STOCK * width / _STOCK_WIDTH)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from embedd.errors import Code, EmbeddError
+from embedd.errors import Code, EmbeddError, Misuse
 from embedd.store.client import Milvus
 from embedd.store.layout import NAME_INDEX_CHOICES, VECTOR_FIELD, VECTOR_INDEX_CHOICES
 
@@ -36,7 +36,8 @@ def vector_index(milvus: Milvus, physical: str) -> str:
                 raise
             last = err
             log.warning("index %s refused on %s: %s", choice["index_type"], physical, err.message)
-    assert last is not None
+    if last is None:
+        raise Misuse(f"no index to try on {physical}: the index choices are empty")
     raise last
 
 

@@ -37,6 +37,8 @@ Errors (:mod:`embedd.store.client`): Milvus down → ``UNAVAILABLE`` naming the
 URI; a vector of the wrong size, non-finite or all zeros in a search →
 ``BAD_REQUEST``; a missing track in :meth:`VectorStore.get_vector` → ``None``;
 any other Milvus refusal → ``INTERNAL`` naming the operation and the collection.
+
+Long because: every Milvus operation of the store, each a few lines.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import ipaddress
 import os
 import re
 
+from embedd.errors import Misuse
+
 __all__ = ["HttpAddress", "parse_http_address"]
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})$")
@@ -31,7 +33,8 @@ class HttpAddress:
         """Whether only this machine can connect (no token is then required)."""
         if self.path is not None:
             return True
-        assert self.host is not None
+        if self.host is None:
+            raise Misuse("an HttpAddress with neither a path nor a host: build it with parse_http_address()")
         if self.host == "localhost":
             return True
         try:
