@@ -7,11 +7,11 @@ host for MuQ alone and over 300 ms for the three models, whatever the code
 a person's few seconds allow that, but not the 200 ms a mix should take. An
 HNSW graph (faiss, the standard library for it) finds each seed's neighbours
 by visiting a few thousand rows instead of all of them: 10 to 40 ms for 50
-seeds at 1536 dims (``bench/recommend.py --graph``).
+seeds at 1536 dims (``bench/recommend.py --graph-recall``).
 
 What is approximate. Only *which* rows are found: the graph returns each
 query's best candidates by an 8-bit copy of the vectors (a quarter of the
-float32 matrix's memory), and :class:`~embedd.store.index.ModelIndex`
+float32 matrix's memory), and :class:`~embedd.store.model_index.ModelIndex`
 re-scores every candidate exactly from its float32 matrix, so every score
 returned is the exact cosine. Recall against brute force is measured in the
 bench (0.99+ on clustered vectors, 0.95 on a hard 256-dim isotropic set); a
