@@ -43,7 +43,6 @@ I/O function.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -176,39 +175,50 @@ def merge(
     models = list(per_model)
     if not models:
         return []
-    found: dict[str, list[str]] = {}
-    for model in models:
-        for tid in per_model[model]:
-            found.setdefault(tid, []).append(model)
-
-    def ranked(scored: Iterable[tuple[float, str, Sequence[str]]]) -> list[Candidate]:
-        # (score, track, models) tuples, plain floats: no object per candidate until the best are known.
-        key = lambda x: (-x[0], x[1])  # noqa: E731
-        best = sorted(scored, key=key) if top is None else heapq.nsmallest(top, scored, key=key)
-        return [combined(tid, score, among) for score, tid, among in best]
-
-    def combined(tid: str, score: float, among: Sequence[str]) -> Candidate:
-        held = [per_model[m][tid] for m in among]
-        best = max(range(len(held)), key=lambda i: held[i][0])  # ties: the first
-        return Candidate(tid, score, held[best][1], list(among))
-
-    def mean(tid: str, among: Sequence[str]) -> float:
-        return sum(per_model[m][tid][0] for m in among) / len(among)  # sums in order, as np.mean does
-
-    if strategy == "union":
-        return ranked((mean(t, ms), t, ms) for t, ms in found.items() if len(ms) >= min_agreement)
-    common = [t for t, ms in found.items() if len(ms) == len(models)]
-    first = ranked((mean(t, models), t, models) for t in common)
-    if strategy == "intersection":
-        return first
-    if strategy != "priority":
+    if strategy not in ("union", "intersection", "priority"):
         raise ValueError(f"unknown merge strategy {strategy!r}")
+    # Plain dicts of floats, one pass per model: no object per candidate until the best are known.
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for model in models:
+        for tid, (score, _reason) in per_model[model].items():
+            if tid in total:
+                total[tid] += score  # sums in model order, as np.mean does
+                count[tid] += 1
+            else:
+                total[tid] = score
+                count[tid] = 1
+
+    def best(scores: Mapping[str, float]) -> list[tuple[float, str]]:
+        """(score, track), best first, ties by track id; only the first ``top`` when given."""
+        items: Iterable[tuple[str, float]] = scores.items()
+        if top is not None and 0 < top < len(scores):
+            values = np.fromiter(scores.values(), np.float64, len(scores))
+            cut = float(np.partition(values, len(values) - top)[len(values) - top])  # the top-th highest
+            items = [(t, s) for t, s in items if s >= cut]  # ties at the cut included, then ordered
+        ranked = sorted(((s, t) for t, s in items), key=lambda x: (-x[0], x[1]))
+        return ranked if top is None else ranked[:top]
+
+    def combined(score: float, tid: str, among: Sequence[str]) -> Candidate:
+        held = [per_model[m][tid] for m in among]
+        first_best = max(range(len(held)), key=lambda i: held[i][0])  # ties: the first
+        return Candidate(tid, score, held[first_best][1], list(among))
+
+    def found_by(tid: str) -> list[str]:
+        return [m for m in models if tid in per_model[m]]
+
+    need = len(models) if strategy != "union" else min_agreement
+    means = {t: s / count[t] for t, s in total.items() if count[t] >= need}
+    first = [combined(s, t, found_by(t)) for s, t in best(means)]
+    if strategy != "priority":
+        return first
     prio = {**DEFAULT_MODEL_PRIORITIES, **(priorities or {})}
-    out, seen = first, set(common)
+    out, seen = first, set(means)
     for model in sorted(models, key=lambda m: (prio.get(m, 1 << 30), models.index(m))):
         if top is not None and len(out) >= top:
             break
-        rest = ranked((s, t, [model]) for t, (s, _r) in per_model[model].items() if t not in seen)
+        own = {t: s for t, (s, _r) in per_model[model].items() if t not in seen}
+        rest = [combined(s, t, [model]) for s, t in best(own)]
         out = out + rest
         seen.update(c.track_id for c in rest)
     return out if top is None else out[:top]

@@ -345,3 +345,25 @@ def test_a_stopped_graph_build_leaves_exact_search():
     with pytest.raises(GraphStopped):
         mi.build_graph(stop)
     assert mi.graph is None and mi.graph_due()  # exact search meanwhile; built again at the next chance
+
+
+def test_graph_rescore_is_exact_and_refuses_rows_outside_its_matrix():
+    """faiss reads the candidate rows by address: a row past the graph is a Misuse, never a read out of bounds."""
+    import threading
+
+    from embedd.errors import Misuse
+    from embedd.store.graph import Graph
+
+    rng = np.random.default_rng(5)
+    mat = rng.normal(size=(300, 24)).astype(np.float32)
+    graph = Graph.build(mat, 300, 0, threading.Event())
+    q = rng.normal(size=(2, 24)).astype(np.float32)
+    rows = np.array([[0, 299, -1], [5, 6, 7]], dtype=np.int64)
+    got = graph.rescore(mat, q, rows)
+    assert got[0, 2] == -np.inf
+    want = np.einsum("qkd,qd->qk", mat[np.where(rows < 0, 0, rows)].astype(np.float64), q.astype(np.float64))
+    assert np.allclose(got[rows >= 0], want[rows >= 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(Misuse):
+        graph.rescore(mat, q, np.array([[0, 300, 1], [1, 2, 3]], dtype=np.int64))
+    with pytest.raises(Misuse):
+        graph.rescore(mat[:, :12], q, rows)

@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from embedd.errors import Misuse
+
 __all__ = ["BUILD_SLICE", "Graph", "GraphStopped"]
 
 #: Links per node (HNSW's M): 32 is faiss's usual choice for a few hundred dims and up.
@@ -113,3 +115,28 @@ class Graph:
         _scores, rows = self._hnsw.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         del ids, batch, keep  # (the selector reads them during the search: kept alive until here)
         return rows
+
+    def rescore(self, mat: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact float32 inner products of each query with its candidate ``rows`` of ``mat`` (-inf at -1).
+
+        faiss computes them in place from the rows' addresses; gathering the rows into a
+        copy first (``mat[rows]``, 46 MB for 50 seeds x 150 candidates at 1536 dims) cost
+        three times as long as the products themselves.
+        """
+        import faiss
+
+        held = mat.dtype == np.float32 and mat.flags.c_contiguous and mat.shape[1:] == (self.width,)
+        if not held or mat.shape[0] < self.rows:
+            raise Misuse(f"rescore needs the C-contiguous float32 matrix the graph was built over, not {mat.dtype} "
+                         f"{mat.shape}")  # fmt: skip
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        r = np.ascontiguousarray(rows, dtype=np.int64)
+        shaped = q.shape[1:] == (self.width,) and r.ndim == 2 and r.shape[0] == q.shape[0]
+        if not shaped or (r.size and int(r.max()) >= self.rows):
+            raise Misuse(f"rescore: {r.shape} rows for {q.shape[0]} queries, all below {self.rows}")
+        out = np.empty(r.shape, dtype=np.float32)
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(mat), faiss.swig_ptr(r), self.width, r.shape[0],
+            r.shape[1],
+        )  # fmt: skip
+        return out

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedd.errors import EmbeddError
+from embedd.priority import lower_this_thread
 from embedd.store.graph import GraphStopped
 from embedd.store.model_index import GRAPH_MIN_ROWS, PROJECTED_DIM, ModelIndex, Overflow
 
@@ -169,7 +170,7 @@ class VectorIndex:
         with self._lock:
             if self._graph_pool is None:
                 self._graph_pool = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="embedd-graph", initializer=_lower_priority, initargs=(self._graph_nice,)
+                    1, thread_name_prefix="embedd-graph", initializer=lower_this_thread, initargs=(self._graph_nice,)
                 )
             pool = self._graph_pool
         try:
@@ -403,16 +404,6 @@ class VectorIndex:
             pool = self._graph_pool
         if pool is not None:
             pool.submit(lambda: None).result(timeout)
-
-
-def _lower_priority(nice: int) -> None:
-    """Run this thread (and the OpenMP workers it starts) at ``nice``: graphs are background work."""
-    import os
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (OSError, AttributeError):
-        pass
 
 
 def _disk_bytes(path: str) -> int:

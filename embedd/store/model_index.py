@@ -333,10 +333,8 @@ class ModelIndex:
         first_exact = 0
         if graph is not None:  # the graph's rows: its candidates (twice k, for the 8-bit ranking's misses) re-scored
             rows = graph.candidates(q, 2 * k, masked[: np.searchsorted(masked, graph.rows)])
-            found = rows >= 0
-            rows = np.where(found, rows, 0)
-            scores = np.matmul(mat[rows], q[:, :, None])[:, :, 0]  # (the gather of the rows is most of its cost)
-            scores[~found] = -np.inf
+            scores = graph.rescore(mat, q, rows)  # -inf where fewer than 2k were found
+            rows = np.where(rows >= 0, rows, 0)
             best_s.append(scores)
             best_i.append(rows)
             first_exact = graph.rows
