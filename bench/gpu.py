@@ -27,6 +27,7 @@ machine has started) and to print everything a closing note needs:
 
     python bench/gpu.py                  # a CUDA machine (about 1 min of build, then ~2-3 min)
     python bench/gpu.py --dry-run        # tiny models on the CPU: the whole script, end to end, in ~1 min
+    python bench/gpu.py --compile        # then compiled against eager per model (bench/compiled.py)
 
 Output: one JSON line per result (``kind``: peak, model, batch), then a table.
 """
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-n", type=int, default=None, help="matmul size of the peak (default 8192; 512 dry)")
     parser.add_argument("--skip-batch", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the generated library and daemon data")
+    parser.add_argument("--compile", action="store_true",
+                        help="then compiled against eager per model (bench/compiled.py on this device; minutes)")
     args = parser.parse_args(argv)
 
     dry = args.dry_run
@@ -308,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
     print(summary(peaks, rows, batch))
+    if args.compile:  # the same comparison as on a CPU: a cold and a warm compile per model, in fresh processes
+        import subprocess
+
+        subprocess.run([sys.executable, str(Path(__file__).with_name("compiled.py")), "--models-dir",
+                        str(args.models_dir), "--device", args.device, "--models", *args.models], check=False)  # fmt: skip
     print(f"\n(total {time.perf_counter() - t_all:.0f} s)")
     return 0
 

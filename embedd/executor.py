@@ -49,7 +49,6 @@ import enum
 import gc
 import itertools
 import logging
-import os
 import sys
 import threading
 import time
@@ -61,6 +60,7 @@ from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG, backend_class
 from embedd.models.base import AudioEmbedding, EmbeddingModel, ModelSpec, TextEmbedding
 from embedd.models.passes import PassPolicy, running_on, stop_between_layers
+from embedd.priority import lower_this_thread
 
 __all__ = ["Executor", "Lane", "LaneSettings", "ModelRegistry", "ModelState", "resolve_device"]
 
@@ -125,6 +125,7 @@ class ModelState:
     state: str = "unloaded"  # unloaded | loading | idle | running
     running: tuple[str, ...] = ()  # the lanes inside the model now
     pinned: bool = False  # a running batch job uses it: never idle-unloaded
+    compiled: dict[str, Any] | None = None  # its compilation (models.compiled.CompiledForward.view), if compiled
 
 
 ModelFactory = Callable[[ModelSpec], EmbeddingModel]
@@ -161,6 +162,9 @@ class ModelRegistry:
         self._inside: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in self._specs}
         self._pins: collections.Counter[str] = collections.Counter()
         self.interrupt = threading.Event()  # set at shutdown: running forward passes stop between batches
+        #: Called when a model was loaded with a compilation due (embedd.models.compiled): the executor
+        #: wakes its batch lane, whose chore that is.
+        self.on_compile_due: Callable[[], None] = lambda: None
 
     @property
     def names(self) -> list[str]:
@@ -221,6 +225,26 @@ class ModelRegistry:
             self._backoff_s.pop(name, None)
             self._dims[name] = model.dim
         log.info("loaded model %s from %s in %.1f s", name, model.spec.source, time.perf_counter() - started)
+        if model.compile_due:
+            self.on_compile_due()
+
+    def compile_due(self) -> str | None:
+        """A loaded model whose compilation is due, if any."""
+        with self._lock:
+            return next((n for n, m in self._models.items() if m.loaded and m.compile_due), None)
+
+    def compile(self, name: str, lane: str) -> None:
+        """Compile ``name`` on the calling thread if it is still loaded and due; held for ``lane`` meanwhile."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None or not model.loaded or not model.compile_due:
+                return
+            self._inside[name][lane] += 1  # never unloaded under the compiler
+        try:
+            model.compile_now()
+        finally:
+            with self._lock:
+                self._inside[name][lane] -= 1
 
     @contextlib.contextmanager
     def using(self, name: str, lane: str) -> Iterator[EmbeddingModel]:
@@ -347,6 +371,7 @@ class ModelRegistry:
                     state=state,
                     running=running if loaded else (),
                     pinned=bool(self._pins.get(name)),
+                    compiled=model.compile_view() if model is not None and loaded else None,
                 )
         return states
 
@@ -659,6 +684,7 @@ class Executor:
                 log.info("interactive model work runs on %d CPU threads", self.threads_of["interactive"])
             stop_between_layers()
             registry = self._registry_builder(self.device)
+            registry.on_compile_due = self._wake_batch
             with self._cond:
                 registry.pin(self._pins.elements())
                 self._registry = registry
@@ -704,11 +730,9 @@ class Executor:
         if registry is None or self._failed:
             return
         lanes = self.lanes
-        if lanes.batch_nice > 0:
-            try:  # a thread's own nice value (Linux); its compute threads, made later, inherit it
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), lanes.batch_nice)
-            except (AttributeError, OSError) as exc:
-                log.warning("cannot lower the batch lane's CPU priority: %s", exc)
+        failed = lower_this_thread(lanes.batch_nice)  # its compute threads, made later, inherit it
+        if failed:
+            log.warning("cannot lower the batch lane's CPU priority: %s", failed)
         if self.device == "cpu":
             self.threads_of["batch"] = _set_compute_threads(lanes.batch_threads)
             log.info(
@@ -736,13 +760,21 @@ class Executor:
             return True
         return any(not job.abandoned for lane in (Lane.CONTROL, Lane.INTERACTIVE) for job in self._queues[lane])
 
+    def _wake_batch(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     def _serve(self, registry: ModelRegistry, label: str, lanes: tuple[Lane, ...]) -> None:
         interactive = label == "interactive"
         next_idle_check = time.monotonic() + self._idle_check_s
         while True:
+            compile_due: str | None = None
             with self._cond:
                 while not self._stopping:
-                    if any(self._queues[lane] for lane in lanes):
+                    # The batch lane's chores: its queue, and compiling a freshly loaded model (before
+                    # the next batch job, which then runs compiled; see embedd.models.compiled).
+                    compile_due = None if interactive else registry.compile_due()
+                    if compile_due or any(self._queues[lane] for lane in lanes):
                         if interactive or not self._interactive_busy():
                             break  # the batch lane starts nothing while a person's work waits or runs
                     timeout = next_idle_check - time.monotonic() if interactive else None
@@ -751,11 +783,13 @@ class Executor:
                     self._cond.wait(timeout)
                 if self._stopping:
                     return
-                batch = self._take(lanes)
+                batch = [] if compile_due else self._take(lanes)
                 if batch:
                     self._running[label] = batch
                     if interactive:
                         self._interactive_running += 1
+            if compile_due:
+                registry.compile(compile_due, label)
             if batch:
                 try:
                     self._execute(registry, label, batch)

@@ -81,6 +81,13 @@ class Service:
         budget = s.memory_budget_mb * MiB if s.memory_budget_mb else default_budget_bytes(device)
         precision = resolve_precision(s.precision, device)
         log.info("models run on %s in %s with a %d MiB activation budget", device, precision, budget // MiB)
+        from embedd.models.compiled import compile_mode, use_cache_dir  # torch: on the executor thread only
+
+        compiled = {name: compile_mode(s.compile, name, device) for name in MODEL_NAMES}
+        if any(mode != "off" for mode in compiled.values()):
+            cache = use_cache_dir(s.data_dir / "compile-cache")
+            wanted = ", ".join(f"{n} ({mode})" for n, mode in compiled.items() if mode != "off")
+            log.info("compiling %s in the background on the batch lane (cache %s)", wanted, cache)
         specs = {
             name: ModelSpec(
                 source=s.model_source(name),
@@ -92,6 +99,7 @@ class Service:
                 hop_s=s.hop_override(name),
                 chunk_s=s.chunk_override(name),
                 quantize=s.quantize,
+                compile=compiled[name],
             )
             for name in MODEL_NAMES
         }
@@ -207,6 +215,7 @@ class Service:
                 "collection": info.collection,
                 "text": info.text,
                 "error": state.error if state else None,
+                "compile": state.compiled if state else None,
             }
         return view
 

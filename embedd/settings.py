@@ -295,6 +295,14 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         description="Model arithmetic: auto = fp16 on CUDA, bf16 on CPUs with native bf16 "
         "(AVX-512 BF16 or AMX), fp32 elsewhere.",
     )
+    compile: Literal["off", "auto", "on"] = Field(
+        default="off",
+        description="Compile each model's common forward pass with torch.compile, in the background on the "
+        "batch lane, cached in <data_dir>/compile-cache: auto = the models measured faster on this kind of "
+        "device (Music2Latent on CPU; every model on CUDA), used only if no slower on this host; on = every "
+        "model, always used; off (the default for now: see docs/operations.md) = never. Vectors are the same "
+        "(cosine >= 0.9999).",
+    )
     quantize: Literal["none", "int8"] = Field(
         default="none",
         description="int8 dynamic quantisation of Linear layers on CPU; changes vectors (flagged in model_id); "

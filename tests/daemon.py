@@ -51,8 +51,15 @@ class Daemon:
         ]
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDD_", "NAVIDROME_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))}
+        # (TORCHINDUCTOR_: an in-process service of an earlier test may have pointed the compile cache at its own
+        # directory; a daemon keeps its compile cache in its own data directory)
+        env = {
+            k: v for k, v in os.environ.items()
+            if not k.startswith(("EMBEDD_", "NAVIDROME_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "TORCHINDUCTOR_"))
+        }  # fmt: skip
         env.setdefault("EMBEDD_DEVICE", "cpu")
+        # Compiling is minutes of a 2-core box's CPU per model: only tests/test_compile.py asks for it.
+        env.setdefault("EMBEDD_COMPILE", "off")
         env.update(self.env)
         return env
 

@@ -388,21 +388,67 @@ def test_unreadable_file_message(tmp_path):
     assert "embedd: " + out.replace(str(victim), "/srv/music/a/b.flac") in _doc_lines(OPERATIONS)
 
 
-def test_quoted_runtime_messages_exist_in_the_code():
-    """Messages quoted from the code (GPU out of memory, Milvus, queue) are the code's own words."""
-    runtime = (REPO / "embedd" / "models" / "runtime.py").read_text()
-    assert "ran out of GPU memory on a single window; " in runtime
-    assert '"free GPU memory or lower the batch size and retry"' in runtime
-    assert "retrying with batch size %d" in runtime
-    store = (REPO / "embedd" / "store" / "client.py").read_text()
-    assert "is unreachable or not ready ({detail})." in store
-    executor = (REPO / "embedd" / "executor.py").read_text()
-    assert "queue is full ({limit} waiting); retry later" in executor
-    for line in (
-        "embedd: unavailable: model 'mert' ran out of GPU memory on a single window; free GPU memory or lower the batch size and retry",
-        "embedd: overloaded: the interactive queue is full (64 waiting); retry later",
-    ):
-        assert line in _doc_lines(OPERATIONS)
+def test_quoted_runtime_messages_are_what_the_code_says(caplog):
+    """The troubleshooting section's GPU out-of-memory, Milvus and queue messages, each one triggered."""
+    import asyncio
+    import logging
+    import threading
+
+    import torch
+
+    from embedd.errors import EmbeddError
+    from embedd.executor import Lane
+    from embedd.models.runtime import run_batched
+    from embedd.store import VectorStore
+
+    documented = _doc_lines(OPERATIONS)
+
+    def oom_above_one(items):
+        if len(items) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return torch.zeros(len(items), 1)
+
+    with caplog.at_level(logging.WARNING, logger="embedd.models.runtime"):
+        assert len(run_batched(list(range(4)), oom_above_one, 4, model_name="mert")) == 4
+    assert "model mert: CUDA out of memory, retrying with batch size 2" in caplog.messages
+    assert "`model mert: CUDA out of memory, retrying with batch size 2`" in OPERATIONS  # quoted in prose
+
+    def oom_always(items):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(EmbeddError) as oom:
+        run_batched([0], oom_always, 1, model_name="mert")
+    assert f"embedd: {oom.value.code.value}: {oom.value.message}" in documented
+
+    with pytest.raises(EmbeddError) as down:
+        VectorStore("http://127.0.0.1:9", timeout_s=2).ensure("muq", "embedding", 8)
+    assert f"embedd: {down.value.code.value}: {down.value.message}" in documented
+
+    async def overloaded() -> EmbeddError:
+        from tests.test_executor import SPEC, RecordingModel, make_executor
+
+        model = RecordingModel(SPEC)
+        model.gate = threading.Event()  # the one running call holds the interactive lane
+        ex = make_executor(model, limits={Lane.INTERACTIVE: 64, Lane.BATCH: 8})  # 64: the default, as quoted
+        ex.start()
+        try:
+            running = asyncio.ensure_future(ex.embed_text(Lane.INTERACTIVE, "muq", "held"))
+            while model.entered < 1:
+                await asyncio.sleep(0.01)
+            queued = [asyncio.ensure_future(ex.embed_text(Lane.INTERACTIVE, "muq", f"q{i}")) for i in range(64)]
+            while ex.queue_depths["interactive"] < 64:
+                await asyncio.sleep(0.01)
+            with pytest.raises(EmbeddError) as full:
+                await ex.embed_text(Lane.INTERACTIVE, "muq", "one too many")
+            model.gate.set()
+            await asyncio.gather(running, *queued)
+            return full.value
+        finally:
+            model.gate.set()
+            await ex.stop()
+
+    full = asyncio.run(overloaded())
+    assert f"embedd: {full.code.value}: {full.message}" in documented
 
 
 def test_readme_tour_outputs_are_what_the_cli_prints(capsys):

@@ -12,7 +12,7 @@ PACKAGE = REPO / "embedd"
 
 #: Lower layers first; a module may import only from its own layer or below.
 LAYERS: list[set[str]] = [
-    {"embedd", "embedd.errors", "embedd.forkserver_guard", "embedd.systemd", "embedd.lockfile", "embedd.address"},
+    {"embedd", "embedd.errors", "embedd.forkserver_guard", "embedd.systemd", "embedd.lockfile", "embedd.address", "embedd.priority"},
     {"embedd.models", "embedd.models.*"},
     {"embedd.protocol", "embedd.settings", "embedd.frame", "embedd.admission"},
     {"embedd.audio", "embedd.audio.*", "embedd.embedding", "embedd.library", "embedd.store", "embedd.store.*", "embedd.executor"},

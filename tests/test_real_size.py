@@ -96,9 +96,15 @@ def _unit(result: dict, models: list[str], name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # 15 minutes of audio through the stock-size Music2Latent on 2 cores
+@pytest.mark.timeout(1200)  # 3.5 minutes of audio through the stock-size Music2Latent on 2 cores
 def test_mixed_corpus_with_real_size_latent_stays_within_the_memory_bound(real_models) -> None:
-    """Every file of a mixed corpus, all three models (Music2Latent at real size): alive, bounded."""
+    """Every file of a mixed corpus, all three models (Music2Latent at real size): alive, bounded.
+
+    The longest track is two minutes: 24 Music2Latent passes of 10 s per channel, enough for
+    any per-pass growth to show. Lengths up to 12 minutes, and the peak against them, are
+    ``bench/memory.py``'s (BENCHMARKS.md): at fp32 on this 2-core box a 12-minute track alone
+    costs over 15 minutes, which no test suite can spend.
+    """
     from tests.audio_fixtures import make_broken_fixtures, make_surround_lfe_wav
 
     root = short_tmpdir()
@@ -106,8 +112,8 @@ def test_mixed_corpus_with_real_size_latent_stays_within_the_memory_bound(real_m
     music.mkdir()
     warm = _write_track(music / "warm.flac", 2.0)
     good = {
-        "3 min": _write_track(music / "three.flac", 180.0),
-        "12 min": _write_track(music / "twelve.flac", 720.0),
+        "40 s": _write_track(music / "forty.flac", 40.0),
+        "2 min": _write_track(music / "two.flac", 120.0),
         "5.1 channels": make_surround_lfe_wav(music / "surround.wav", duration_s=20.0),
         "192 kHz": _write_track(music / "hires.flac", 15.0, rate=192_000),
         "0.4 s": _write_track(music / "short.flac", 0.4),
@@ -143,7 +149,7 @@ def test_mixed_corpus_with_real_size_latent_stays_within_the_memory_bound(real_m
             else:
                 assert not r["ok"] and r["error"]["code"] == "decode_error", (name, r)
                 assert path.name in r["error"]["message"], r
-        peak_mb = _check_bound(d, loaded_kb, "the corpus", 720.0)
+        peak_mb = _check_bound(d, loaded_kb, "the corpus", longest)
         assert peak_mb < CEILING_MB, f"peak {peak_mb:.0f} MB over the issue's {CEILING_MB} MB"
         assert d.proc.poll() is None
     finally:

@@ -132,8 +132,8 @@ def test_status_shape(shared_daemon):
     assert r["device"] == "cpu"
     assert set(r["models"]) == {"muq", "mert", "latent"}
     for name, m in r["models"].items():
-        assert set(m) == {"loaded", "state", "running", "pinned", "idle_s", "dim", "collection", "text", "error"}
-        assert m["loaded"] is False and m["idle_s"] is None and m["error"] is None
+        assert set(m) == {"loaded", "state", "running", "pinned", "idle_s", "dim", "collection", "text", "error", "compile"}
+        assert m["loaded"] is False and m["idle_s"] is None and m["error"] is None and m["compile"] is None
         assert m["state"] == "unloaded" and m["running"] == [] and m["pinned"] is False
     lanes = r["executor"]["lanes"]
     assert set(lanes) == {"interactive", "batch"}

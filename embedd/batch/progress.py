@@ -95,7 +95,7 @@ class Progress:
                 "job_id": None, "status": JobStatus.IDLE.value, "models": [], "total_tracks": 0,
                 "processed_tracks": 0, "failed_tracks": 0, "skipped_tracks": 0, "current_track": None,
                 "progress_percent": 0.0, "started_at": None, "estimated_completion": None, "rate_tracks_per_s": None,
-                "rekeyed_tracks": 0, "trigger": None,
+                "rekeyed_tracks": 0, "trigger": None, "waiting": None,
             }  # fmt: skip
         running = job.status is JobStatus.RUNNING and self.running
         pending = self.pending if self.running else _NO_PENDING
@@ -134,6 +134,7 @@ class Progress:
             "rate_tracks_per_s": round(rate, 4) if rate is not None else None,
             "rekeyed_tracks": self.rekeyed,
             "trigger": job.trigger,  # "manual" (batch_start) or "auto" (the library watcher)
+            "waiting": self.waiting if running else None,  # why a running job is stalled (Milvus unreachable)
         }
 
     def status_line(self) -> str:

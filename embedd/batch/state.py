@@ -16,9 +16,11 @@ Durability: WAL with ``synchronous=FULL``. In WAL mode ``NORMAL`` already
 survives a SIGKILL (a committed transaction sits in the WAL in the OS page
 cache, which outlives the process); ``FULL`` also survives power loss or a
 kernel crash by fsyncing the WAL on every commit. That costs one fsync per
-checkpoint, i.e. per ~100 tracks, which is nothing next to embedding them,
-and it keeps a recorded status change (e.g. "completed" after a rebuild's
-alias switch) from being rolled back by a power cut.
+commit: one per checkpoint (~100 tracks), and two per track for the
+crash-loop guard's in-flight mark (``begin_track`` / ``end_track``) --
+milliseconds against the seconds to minutes a track takes to embed. It keeps
+a recorded status change (e.g. "completed" after a rebuild's alias switch)
+from being rolled back by a power cut.
 
 The API is synchronous on purpose: the file is small and local, each call is
 one short transaction (well under a millisecond plus one fsync), and a plain
@@ -611,9 +613,6 @@ class JobStore:
             self.checkpoint(job_id, failures=failures, finished=[(t, Outcome.FAILED) for t, _, _ in given_up])
         suspects = {t for t, _, n in rows if 0 < n < max_crashes}
         return suspects, failures
-
-    def record_done(self, job_id: str, items: Iterable[tuple[str, str]]) -> Job:
-        return self.checkpoint(job_id, done=items)
 
     def record_failures(self, job_id: str, failures: Iterable[Failure]) -> Job:
         return self.checkpoint(job_id, failures=failures)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from embedd.models import ModelInfo, text_model_hint
 
 if TYPE_CHECKING:  # torch is heavy; only the model modules import it at run time
     import torch
+
+    from embedd.models.compiled import CompiledForward
 
 __all__ = ["AudioEmbedding", "EmbeddingModel", "ModelSpec", "TextEmbedding"]
 
@@ -39,6 +41,7 @@ class ModelSpec:
     hop_s: float | None = None  # windows' hop when not the model's contract (MERT's speed knob)
     quantize: str = "none"  # "none" | "int8": int8 dynamic quantisation of Linear layers (CPU; models.quantize)
     chunk_s: float | None = None  # Music2Latent's encoder chunk when not the package's 60 s (a memory knob)
+    compile: str = "off"  # "off" | "if_faster" | "always": the common item's forward (models.compiled.compile_mode)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class EmbeddingModel(abc.ABC):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._loaded = False
+        self._compiled: CompiledForward | None = None  # with spec.compile, from each load on
         # Set by the executor at shutdown; backends check it between forward batches.
         self.interrupt: threading.Event = threading.Event()
 
@@ -99,13 +103,57 @@ class EmbeddingModel(abc.ABC):
                 "at a local copy of the weights or a hub id in the hub cache (docs/operations.md §3 Model weights)",
             ) from exc
         self._loaded = True
+        if self.spec.compile != "off":
+            target = self._compile_target()
+            if target is not None:
+                from embedd.models.compiled import CompiledForward
+                from embedd.models.runtime import autocast
+
+                fn, example = target
+                self._compiled = CompiledForward(
+                    self.name, fn, example, context=lambda: autocast(self.device, self.spec.precision),
+                    if_faster=self.spec.compile == "if_faster",
+                )  # fmt: skip
 
     def unload(self) -> None:
         """Drop the weights. The registry empties the CUDA cache afterwards."""
         if not self._loaded:
             return
         self._loaded = False
+        if self._compiled is not None:
+            self._compiled.stop()
+            self._compiled = None
         self._unload()
+
+    # -- compilation (embedd.models.compiled) ----------------------------------
+    def _compile_target(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor] | None:
+        """The function to compile and one example item (batch 1) of the shape most of its calls have.
+
+        The backend calls it through :meth:`_fast`; None: nothing to compile.
+        """
+        return None
+
+    def _fast(self, fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        """``fn(batch)``: through the compiled code where it is ready and fits, else ``fn`` itself."""
+        compiled = self._compiled
+        return compiled(batch) if compiled is not None else fn(batch)
+
+    @property
+    def compile_due(self) -> bool:
+        """Loaded, to be compiled, not compiled yet: the batch lane's next chore."""
+        compiled = self._compiled
+        return compiled is not None and compiled.due
+
+    def compile_now(self) -> None:
+        """Compile now, on the calling thread (the batch lane's); never raises."""
+        compiled = self._compiled
+        if compiled is not None:
+            compiled.compile_now()
+
+    def compile_view(self) -> dict[str, Any] | None:
+        """The compilation's state for ``status`` (None: not compiled by the settings)."""
+        compiled = self._compiled
+        return compiled.view() if compiled is not None else None
 
     @abc.abstractmethod
     def _load(self) -> None: ...

@@ -271,7 +271,19 @@ class Music2LatentModel(EmbeddingModel):
             if chunk.pad:
                 parts.append(to_representation_encoder(self._samples(chunk.audio, 0, chunk.pad)))
             reps.append(torch.cat(parts, dim=-1)[0])  # [2 (re, im), hop*2, frames]
-        return self._encoder(torch.stack(reps)).float()
+        return self._fast(self._encoder, torch.stack(reps)).float()
+
+    def _compile_target(self) -> tuple[torch.nn.Module, torch.Tensor] | None:
+        """The encoder, on one full chunk of one channel: the shape of every item of a track longer than a chunk."""
+        if self._encoder is None:
+            return None
+        from music2latent.audio import to_representation_encoder
+
+        max_frames = self._constants()[2]
+        silence = np.zeros((max_frames - 1) * self._hop + 4 * self._hop, np.float32)
+        with torch.inference_mode():
+            example = torch.stack([to_representation_encoder(self._samples(silence, 0, max_frames))[0]])
+        return self._encoder, example
 
     def _samples(self, audio: np.ndarray, first_frame: int, frames: int) -> torch.Tensor:
         """The samples behind representation frames ``[first_frame, first_frame + frames)``, on the device."""

@@ -138,9 +138,19 @@ class MertModel(EmbeddingModel):
         )
         values = inputs["input_values"].to(self.device)
         with torch.inference_mode():
-            hidden = self._model(values, output_hidden_states=True).hidden_states
-        means = torch.stack([h.float().mean(dim=1) for h in hidden], dim=1)  # [B, layers, hidden]
+            means = self._fast(self._hidden_means, values)  # [B, layers, hidden]
         return means.reshape(means.shape[0], -1)
+
+    def _hidden_means(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B, layers, hidden]``: the time-mean of every hidden state of the model on ``values``."""
+        hidden = self._model(values, output_hidden_states=True).hidden_states  # type: ignore[misc]
+        return torch.stack([h.float().mean(dim=1) for h in hidden], dim=1)
+
+    def _compile_target(self) -> tuple[Any, torch.Tensor] | None:
+        """The model on one 30 s window: every window MERT cuts has that length (short tracks are padded)."""
+        if self._model is None:
+            return None
+        return self._hidden_means, torch.zeros(1, WINDOW_S * self.info.sample_rate, device=self.device)
 
     def window_latents(self, waveforms: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Each track's window embeddings ``[layers * hidden, windows]`` on the model's device."""

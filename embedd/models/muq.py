@@ -196,7 +196,13 @@ class MuQMuLanModel(EmbeddingModel):
 
     def _forward(self, clips: Sequence[torch.Tensor]) -> torch.Tensor:
         """``[B, D]``: the normalised latent of each clip (MuLan's ``get_audio_latents``)."""
-        return self._model.mulan_module.get_audio_latents(torch.stack(list(clips))).float()
+        return self._fast(self._model.mulan_module.get_audio_latents, torch.stack(list(clips))).float()
+
+    def _compile_target(self) -> tuple[Any, torch.Tensor] | None:
+        """MuLan's audio tower on one 10 s clip: every clip MuQ cuts has that length."""
+        if self._model is None:
+            return None
+        return self._model.mulan_module.get_audio_latents, torch.zeros(1, self._clip, device=self.device)
 
     def _window_clips(
         self, audio: torch.Tensor, start: int, end: int, content: int

@@ -37,6 +37,22 @@ type ModelStatus struct {
 	Text       bool     `msgpack:"text"`
 	// Error is the last load error, while the model cannot be loaded.
 	Error *string `msgpack:"error"`
+	// Compile is nil unless the model is loaded and compiled by the daemon's compile setting.
+	Compile *CompileStatus `msgpack:"compile"`
+}
+
+// CompileStatus is a loaded model's compilation (docs/protocol.md, status).
+type CompileStatus struct {
+	// State is "waiting", "compiling", "ready", "slower", "failed" or "stopped".
+	State     string   `msgpack:"state"`
+	Shape     []int    `msgpack:"shape"` // the one item shape that runs compiled
+	CompileS  *float64 `msgpack:"compile_s"`
+	EagerS    *float64 `msgpack:"eager_s"`
+	CompiledS *float64 `msgpack:"compiled_s"`
+	// Cache counts inductor's cache "hits" and "misses" during this load (a miss is a compilation).
+	Cache map[string]int `msgpack:"cache"`
+	Items int            `msgpack:"items"` // items run through the compiled code
+	Error *string        `msgpack:"error"`
 }
 
 // PassStatus is one forward pass of a lane: in flight (AgeS set) or done (Seconds set).
@@ -212,6 +228,11 @@ type Progress struct {
 	StartedAt           *float64 `msgpack:"started_at"`
 	EstimatedCompletion *float64 `msgpack:"estimated_completion"`
 	RateTracksPerS      *float64 `msgpack:"rate_tracks_per_s"`
+	RekeyedTracks       int      `msgpack:"rekeyed_tracks"`
+	// Trigger is "manual" (batch_start) or "auto" (the library watcher); empty before any job.
+	Trigger string `msgpack:"trigger"`
+	// Waiting says why a running job is stalled (Milvus unreachable); nil otherwise.
+	Waiting *string `msgpack:"waiting"`
 }
 
 // Final reports whether the job has stopped for good (it will not change
