@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedd.batch.state import Job, JobStatus  # noqa: E402
+from embedd.batch.job import Job  # noqa: E402
 from embedd.batch.watch import LibraryWatcher, NavidromeProbe, Snapshot, WatchConfig  # noqa: E402
 from tests.navidrome_fixtures import NavidromeDB, go_time  # noqa: E402
 

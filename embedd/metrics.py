@@ -211,12 +211,36 @@ class _ServiceCollector(Collector):
             ("failed_tracks", "Tracks the latest batch job failed in at least one model."),
         ):
             yield GaugeMetricFamily(f"embedd_batch_{key}", text, value=progress.get(key) or 0)
+        yield from _cluster_families(progress.get("cluster"))
 
         audio = CounterMetricFamily("embedd_audio_seconds", "Seconds of audio embedded, by model.", labels=["model"])
         seconds = executor.audio_seconds
         for name in MODEL_NAMES:
             audio.add_metric([name], float(seconds.get(name, 0.0)))
         yield audio
+
+
+def _cluster_families(view: dict[str, Any] | None) -> Iterator[Any]:
+    """The Ray cluster the library job runs on (``ray_address``): its state, and each model worker's work."""
+    if view is None:
+        return
+    up = GaugeMetricFamily("embedd_cluster_state", "1 for the Ray cluster's state now.", labels=["state"])
+    for option in ("closed", "connecting", "up", "down", "fallback"):
+        up.add_metric([option], 1.0 if view["state"] == option else 0.0)
+    yield up
+    labels = ["worker", "host", "device"]
+    done = CounterMetricFamily("embedd_cluster_worker_tracks", "Tracks a Ray model worker embedded, by outcome.", labels=[*labels, "outcome"])
+    rate = GaugeMetricFamily("embedd_cluster_worker_tracks_per_hour", "A Ray model worker's rate since its first track.", labels=labels)
+    ready = GaugeMetricFamily("embedd_cluster_worker_ready", "1 while a Ray model worker takes tracks.", labels=labels)
+    restarts = CounterMetricFamily("embedd_cluster_worker_restarts", "Times a Ray model worker was started again.", labels=labels)
+    for worker in view["workers"]:
+        key = [worker["name"], worker["host"], worker["device"]]
+        done.add_metric([*key, "embedded"], worker["tracks_done"])
+        done.add_metric([*key, "failed"], worker["tracks_failed"])
+        rate.add_metric(key, worker["tracks_per_hour"] or 0.0)
+        ready.add_metric(key, 1.0 if worker["state"] == "ready" else 0.0)
+        restarts.add_metric(key, worker["restarts"])
+    yield from (done, rate, ready, restarts)
 
 
 def _watch_families(view: dict[str, Any] | None) -> Iterator[Any]:

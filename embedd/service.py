@@ -19,14 +19,13 @@ from embedd.admission import Admission
 from embedd.audio import AudioDecoder
 from embedd.batch.manager import BatchManager
 from embedd.batch.watch import WATCH_FILE, LibraryWatcher, NavidromeProbe, Snapshot, WatchConfig, models_with_vectors
+from embedd.cluster.client import RayCluster
 from embedd.errors import EmbeddError, StartupError
-from embedd.executor import Executor, Lane, LaneSettings, ModelRegistry
+from embedd.executor.build import build_executor
 from embedd.library import NavidromeLibrary, require_library
 from embedd.lockfile import take_lock
 from embedd.models import CATALOG, MODEL_NAMES
-from embedd.models.base import ModelSpec
-from embedd.models.memory import MiB, default_budget_bytes
-from embedd.models.precision import resolve_precision
+from embedd.models.memory import MiB
 from embedd.settings import Settings
 from embedd.store import VectorStore
 from embedd.store.index import VectorIndex, default_cache_bytes
@@ -42,17 +41,7 @@ class Service:
         self.settings = settings
         self.version = __version__
         self.started_monotonic = time.monotonic()
-        self.executor = Executor(
-            self._build_registry,
-            device=settings.device,
-            queue_limits={Lane.INTERACTIVE: settings.interactive_queue, Lane.BATCH: settings.batch_queue},
-            idle_check_s=settings.idle_check_s,
-            lanes=LaneSettings(
-                batch_threads=settings.batch_threads,
-                batch_nice=settings.batch_nice,
-                pass_budget_s=settings.pass_budget_s,
-            ),
-        )
+        self.executor = build_executor(settings)
         self.library: NavidromeLibrary | None = (
             NavidromeLibrary(settings.navidrome_db, music_root=settings.music_root) if settings.navidrome_db else None
         )
@@ -72,42 +61,12 @@ class Service:
         #: One bound on the work admitted, for the socket and HTTP alike (the server wraps its op table in it).
         self.admission = Admission.from_settings(settings)
         self._data_lock: int | None = None
-        self.batch = BatchManager(settings, store_io=self.store_io, executor=self.executor, library=self.library)
-        self.watch: LibraryWatcher | None = None  # the library watcher, once started (needs the library)
-
-    def _build_registry(self, device: str) -> ModelRegistry:
-        """Runs on the executor thread once the device is known."""
-        s = self.settings
-        budget = s.memory_budget_mb * MiB if s.memory_budget_mb else default_budget_bytes(device)
-        precision = resolve_precision(s.precision, device)
-        log.info("models run on %s in %s with a %d MiB activation budget", device, precision, budget // MiB)
-        from embedd.models.compiled import compile_mode, use_cache_dir  # torch: on the executor thread only
-
-        compiled = {name: compile_mode(s.compile, name, device) for name in MODEL_NAMES}
-        if any(mode != "off" for mode in compiled.values()):
-            cache = use_cache_dir(s.data_dir / "compile-cache")
-            wanted = ", ".join(f"{n} ({mode})" for n, mode in compiled.items() if mode != "off")
-            log.info("compiling %s in the background on the batch lane (cache %s)", wanted, cache)
-        specs = {
-            name: ModelSpec(
-                source=s.model_source(name),
-                device=device,
-                precision=precision,
-                batch_size=s.batch_size,
-                cache_dir=str(s.model_cache_dir) if s.model_cache_dir else None,
-                memory_budget=budget,
-                hop_s=s.hop_override(name),
-                chunk_s=s.chunk_override(name),
-                quantize=s.quantize,
-                compile=compiled[name],
-            )
-            for name in MODEL_NAMES
-        }
-        return ModelRegistry(
-            specs,
-            idle_timeout_s={name: s.idle_timeout_of(name) for name in MODEL_NAMES},
-            preload=s.preload,
+        #: The library job's model work on a Ray cluster (``ray_address``); None: on this daemon's executor.
+        self.cluster = RayCluster(settings) if settings.ray_address else None
+        self.batch = BatchManager(
+            settings, store_io=self.store_io, executor=self.executor, library=self.library, cluster=self.cluster
         )
+        self.watch: LibraryWatcher | None = None  # the library watcher, once started (needs the library)
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:

@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from embedd.batch.state import JobStatus, JobStore
+from embedd.batch.job import JobStatus
+from embedd.batch.state import JobStore
 from embedd.executor import Lane
 from embedd.protocol import BatchFailuresArgs, BatchStartArgs, NoArgs
 from embedd.service import Service

@@ -14,13 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedd.batch.state import (
-    Checkpointer,
-    Failure,
-    JobStatus,
-    JobStore,
-    Outcome,
-)
+from embedd.batch.checkpoint import Checkpointer
+from embedd.batch.job import Failure, FailurePage, JobStatus, Outcome
+from embedd.batch.state import JobStore
 from embedd.errors import Code, EmbeddError
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,7 +101,7 @@ def test_checkpoint_counts_each_track_once(store):
     # The same results again (a replay after a crash) change no counter.
     j = store.checkpoint(job.job_id, done=[("t1", "muq")], failures=[fail], finished=[("t1", "processed"), ("t3", "failed")])
     assert (j.processed_tracks, j.failed_tracks, j.skipped_tracks) == (1, 1, 1)
-    assert store.failures(job.job_id) == (1, [fail])
+    assert store.failure_page(job.job_id) == FailurePage(1, 1, [fail])
     assert store.is_done(job.job_id, "t1", "mert") and not store.is_done(job.job_id, "t3", "mert")
     assert store.done_count(job.job_id) == 3 and store.done_count(job.job_id, "muq") == 2
     assert store.settled(job.job_id, ["t1", "t2", "t3", "t1"]) == {"t1": {"muq", "mert"}, "t3": {"muq", "mert"}}
@@ -124,8 +120,8 @@ def test_new_job_forgets_old_records_but_keeps_history(tmp_path):
             ids.append(j.job_id)
         assert s.get_job(ids[0]) is None and s.get_job(ids[1]) is None
         assert s.get_job(ids[2]) is not None
-        assert s.failures(ids[4])[0] == 1
-        assert s.failures(ids[3])[0] == 0  # only the latest job's records are kept
+        assert s.failure_page(ids[4]).total == 1
+        assert s.failure_page(ids[3]).total == 0  # only the latest job's records are kept
         assert s.done_count(ids[3]) == 0
 
 
@@ -133,16 +129,17 @@ def test_failures_paging(store):
     job = store.create_job(models=["muq", "mert"])
     fails = [Failure(f"t{i:03d}", "muq" if i % 2 else "mert", "decode_error", f"t{i}.ogg is corrupt.", f"/m/t{i}.ogg") for i in range(250)]
     for k in range(0, 250, 100):
-        store.record_failures(job.job_id, fails[k : k + 100])
-    total, page = store.failures(job.job_id, limit=100, offset=0)
+        store.checkpoint(job.job_id, failures=fails[k : k + 100])
+    first = store.failure_page(job.job_id, limit=100, offset=0)
+    total, page = first.total, first.failures
     assert total == 250 and page == fails[:100]
-    assert store.failures(job.job_id, limit=100, offset=200) == (250, fails[200:])
-    assert store.failures(job.job_id, limit=10, offset=300) == (250, [])
-    assert store.failures(job.job_id, limit=0)[1] == []
+    assert store.failure_page(job.job_id, limit=100, offset=200) == FailurePage(250, 250, fails[200:])
+    assert store.failure_page(job.job_id, limit=10, offset=300) == FailurePage(250, 250, [])
+    assert store.failure_page(job.job_id, limit=0).failures == []
     assert page[0].to_wire() == {"track_id": "t000", "path": "/m/t0.ogg", "model": "mert", "code": "decode_error", "message": "t0.ogg is corrupt."}
     for bad in ({"limit": -1}, {"offset": -5}):
         with pytest.raises(EmbeddError) as e:
-            store.failures(job.job_id, **bad)
+            store.failure_page(job.job_id, **bad)
         assert e.value.code is Code.BAD_REQUEST and next(iter(bad)) in e.value.message
 
 
@@ -167,7 +164,7 @@ def test_a_running_jobs_failures_include_those_waiting_for_the_checkpoint(store)
     assert cp.failure_page(limit=5, offset=3).failures == []
     assert page.to_wire()["tracks"] == 2 and page.to_wire()["total"] == 3
     cp.flush()
-    assert store.failures(job.job_id) == (3, page.failures)  # the same, now recorded
+    assert store.failure_page(job.job_id) == page  # the same, now recorded
 
 
 def test_failure_from_error():
@@ -193,7 +190,8 @@ _CRASHER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    from embedd.batch.state import JobStore, Checkpointer
+    from embedd.batch.checkpoint import Checkpointer
+    from embedd.batch.state import JobStore
     store = JobStore({path!r})
     job = store.create_job(models=["muq", "mert"], total_tracks=1000)
     cp = Checkpointer(store, job.job_id, every=100)
@@ -348,7 +346,7 @@ def test_a_track_in_flight_at_two_unclean_exits_is_failed_once_per_model(store):
     assert [(f.track_id, f.model, f.code) for f in failed] == [("poison", "latent", "internal")]  # muq was stored
     assert "stopped 2 times while embedding '/m/poison.flac'" in failed[0].message
     job = store.get_job(jid)
-    assert job.failed_tracks == 1 and store.failures(jid)[0] == 1
+    assert job.failed_tracks == 1 and store.failure_page(jid).total == 1
     assert store.finished_tracks(jid, ["poison", "bystander"]) == {"poison"}
     # a third start-up finds nothing left to blame
     assert store.recover_in_flight(jid) == (set(), [])

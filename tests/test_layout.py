@@ -14,13 +14,13 @@ PACKAGE = REPO / "embedd"
 LAYERS: list[set[str]] = [
     {"embedd", "embedd.errors", "embedd.forkserver_guard", "embedd.systemd", "embedd.lockfile", "embedd.address", "embedd.priority"},
     {"embedd.models", "embedd.models.*"},
-    {"embedd.protocol", "embedd.settings", "embedd.frame", "embedd.admission"},
-    {"embedd.audio", "embedd.audio.*", "embedd.embedding", "embedd.library", "embedd.store", "embedd.store.*", "embedd.executor"},
-    {"embedd.batch", "embedd.batch.*"},
+    {"embedd.protocol", "embedd.settings", "embedd.settings.*", "embedd.frame", "embedd.admission"},
+    {"embedd.audio", "embedd.audio.*", "embedd.embedding", "embedd.library", "embedd.library.*", "embedd.store", "embedd.store.*", "embedd.executor", "embedd.executor.*"},
+    {"embedd.batch", "embedd.batch.*", "embedd.cluster", "embedd.cluster.*"},
     {"embedd.service", "embedd.recommend", "embedd.takeover"},
     {"embedd.ops", "embedd.metrics"},
     {"embedd.http", "embedd.http.*"},
-    {"embedd.server", "embedd.client"},
+    {"embedd.server", "embedd.server.*", "embedd.client"},
     {"embedd.cli", "embedd.__main__"},
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import os
 import sqlite3
@@ -180,6 +181,21 @@ def test_parse_navidrome_time():
     assert parse_navidrome_time(None) is None and parse_navidrome_time("garbage") is None
     assert parse_navidrome_time(1715464820) == 1715464820.0
     assert parse_navidrome_time(go_time(1_700_000_000.5)) == pytest.approx(1_700_000_000.5)
+
+
+@given(
+    st.integers(min_value=63_072_000, max_value=4_102_444_800),  # 1972 .. 2100 (before 1971 means unset)
+    st.integers(min_value=0, max_value=999_999_999),
+    st.integers(min_value=-(23 * 60 + 59), max_value=23 * 60 + 59),
+)
+def test_parse_navidrome_time_reads_go_times_in_any_zone(seconds, nanos, offset_min):
+    """Go's ``2006-01-02 15:04:05.999999999-07:00``: nanoseconds truncated to microseconds, any offset."""
+    zone = dt.timezone(dt.timedelta(minutes=offset_min))
+    local = dt.datetime.fromtimestamp(seconds, zone)
+    sign, hours, minutes = "+" if offset_min >= 0 else "-", abs(offset_min) // 60, abs(offset_min) % 60
+    text = local.strftime("%Y-%m-%d %H:%M:%S") + f".{nanos:09d}".rstrip("0").rstrip(".") + f"{sign}{hours:02d}:{minutes:02d}"
+    assert parse_navidrome_time(text) == pytest.approx(seconds + nanos // 1000 / 1e6, rel=0, abs=1e-6)
+    assert parse_navidrome_time(text.encode()) == parse_navidrome_time(f" {text}\n")
 
 
 # ---------------------------------------------------------------- errors

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from embedd.batch.state import Job, JobStatus
+from embedd.batch.job import Job, JobStatus
 from embedd.batch.watch import LibraryWatcher, NavidromeProbe, Snapshot, WatchConfig, next_window_start, parse_windows
 from embedd.errors import Code, EmbeddError
 from tests.navidrome_fixtures import NavidromeDB, go_time

@@ -530,7 +530,7 @@ def test_int8_quantize_setting_reaches_the_loaded_model(
     which run under bf16 autocast too and give vectors close to, but not the same as, the default."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    from embedd.service import Service
+    from embedd.executor.build import build_registry
     from embedd.settings import build_settings
 
     def registry_model(quantize: str, precision: str) -> EmbeddingModel:
@@ -538,7 +538,7 @@ def test_int8_quantize_setting_reaches_the_loaded_model(
             "socket": str(tmp_path / "s.sock"), "data_dir": str(tmp_path / "data"),
             f"{name}_model": tiny[name], "quantize": quantize, "precision": precision, "device": "cpu",
         })
-        return Service(settings)._build_registry("cpu").get(name)
+        return build_registry(settings, "cpu").get(name)
 
     wave = signal(12.0, CATALOG[name].sample_rate, CATALOG[name].channels, 21)
     [default] = registry_model("none", "fp32").embed_audio_many([wave])

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from embedd.batch.job import Job, JobStatus
 from embedd.batch.progress import Progress
 from embedd.batch.retry import JobFailed, RetryingStore
-from embedd.batch.state import Job, JobStatus, JobStore
+from embedd.batch.state import JobStore
 from embedd.errors import EmbeddError
 from embedd.library import Shard
 from embedd.store import RebuildHandle, VectorStore

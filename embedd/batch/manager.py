@@ -14,10 +14,12 @@ import logging
 from typing import Any, AsyncIterator, Callable, Coroutine, Sequence
 
 from embedd.audio import AudioDecoder
+from embedd.batch.job import Job, JobStatus
 from embedd.batch.progress import Progress
 from embedd.batch.retry import RetryingStore
 from embedd.batch.run import Collaborators, Run, StopReason, abort_rebuilds, record_status
-from embedd.batch.state import Job, JobStatus, JobStore
+from embedd.batch.state import JobStore
+from embedd.cluster.client import RayCluster
 from embedd.errors import Code, EmbeddError, Misuse
 from embedd.executor import Executor
 from embedd.library import NavidromeLibrary, parse_shard, require_library
@@ -33,12 +35,19 @@ log = logging.getLogger(__name__)
 class BatchManager:
     """The daemon's batch job: at most one active job, its progress and its ops."""
 
-    def __init__(self, settings: Settings, *, store_io: StoreIO, executor: Executor, library: NavidromeLibrary | None) -> None:
+    def __init__(
+        self, settings: Settings, *, store_io: StoreIO, executor: Executor, library: NavidromeLibrary | None,
+        cluster: RayCluster | None = None,
+    ) -> None:
         self.settings = settings
         self.store_io = store_io
         self.executor = executor
         self.library = library
         self.progress = Progress()
+        self.cluster = cluster
+        if cluster is not None:
+            self.progress.cluster_view = cluster.view
+            cluster.on_waiting = self._cluster_waiting
         self.store = RetryingStore(store_io, self.progress, retry_s=settings.milvus_retry_s)
         self._jobs: JobStore | None = None
         self._collaborators: Collaborators | None = None
@@ -50,6 +59,10 @@ class BatchManager:
         self.watch_view: Callable[[], dict[str, Any]] | None = None
 
     # ---- lifecycle
+    def _cluster_waiting(self, why: str | None) -> None:
+        self.progress.waiting = why
+        self.progress.bump()
+
     async def start_up(self, decoder: AudioDecoder) -> None:
         """Open the state file and pick up an interrupted job (running resumes, cancelling finishes)."""
         try:
@@ -61,7 +74,7 @@ class BatchManager:
             return
         self._collaborators = Collaborators(
             settings=self.settings, jobs=self._jobs, progress=self.progress, store_io=self.store_io,
-            store=self.store, executor=self.executor, decoder=decoder, library=self.library,
+            store=self.store, executor=self.executor, decoder=decoder, library=self.library, cluster=self.cluster,
         )  # fmt: skip
         job = self.progress.job
         if job is None or not job.active:

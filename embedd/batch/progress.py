@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
-from embedd.batch.state import FINAL_STATUSES, Job, JobStatus, Outcome
+from embedd.batch.job import FINAL_STATUSES, Job, JobStatus, Outcome
 
 __all__ = ["Progress", "RATE_WINDOW_S"]
 
@@ -44,6 +44,8 @@ class Progress:
         self.running = False  # a run of ``job`` is under way
         self._version = 0
         self._changed = asyncio.Event()
+        #: The Ray cluster's view (state, model workers) when jobs run on one (``ray_address``).
+        self.cluster_view: Callable[[], dict[str, Any]] | None = None
         self.new_run()
 
     def new_run(self) -> None:
@@ -53,7 +55,7 @@ class Progress:
         self.pass_index = 0
         self.passes = 1
         self.pass_seen = 0  # tracks this pass has dealt with (for multi-pass percent)
-        self.waiting: str | None = None  # why the job is stalled (Milvus), for the STATUS line
+        self.waiting: str | None = None  # why the job is stalled (Milvus, the Ray cluster), for the STATUS line
         self.rekeyed = 0  # tracks whose vectors moved to a new id in this job (no model run)
         self._worked = 0
         self._window: collections.deque[tuple[float, int]] = collections.deque([(time.monotonic(), 0)])
@@ -95,7 +97,7 @@ class Progress:
                 "job_id": None, "status": JobStatus.IDLE.value, "models": [], "total_tracks": 0,
                 "processed_tracks": 0, "failed_tracks": 0, "skipped_tracks": 0, "current_track": None,
                 "progress_percent": 0.0, "started_at": None, "estimated_completion": None, "rate_tracks_per_s": None,
-                "rekeyed_tracks": 0, "trigger": None, "waiting": None,
+                "rekeyed_tracks": 0, "trigger": None, "waiting": None, "cluster": self._cluster(),
             }  # fmt: skip
         running = job.status is JobStatus.RUNNING and self.running
         pending = self.pending if self.running else _NO_PENDING
@@ -135,7 +137,11 @@ class Progress:
             "rekeyed_tracks": self.rekeyed,
             "trigger": job.trigger,  # "manual" (batch_start) or "auto" (the library watcher)
             "waiting": self.waiting if running else None,  # why a running job is stalled (Milvus unreachable)
+            "cluster": self._cluster(),  # the Ray cluster and its model workers (None: models run in the daemon)
         }
+
+    def _cluster(self) -> dict[str, Any] | None:
+        return self.cluster_view() if self.cluster_view is not None else None
 
     def status_line(self) -> str:
         p = self.view()

@@ -21,7 +21,7 @@ Shape of one pass (``Run._pass``)::
   forward batch. The interactive lane overtakes all of it by construction.
 * The writer upserts up to ``WRITE_BATCH`` tracks per model per call on the
   store thread; only after Milvus acknowledged them are the tracks given to the
-  :class:`~embedd.batch.state.Checkpointer`, which writes them to the state DB
+  :class:`~embedd.batch.checkpoint.Checkpointer`, which writes them to the state DB
   every ``settings.checkpoint_every`` tracks (and at every pause, cancel, end
   and shutdown). A crash loses at most the unflushed tail, which the resumed
   job embeds again; upserts by primary key make the replay exact.
@@ -33,10 +33,17 @@ the aliases only at completion; cancel aborts them, a failure leaves them for
 the next committed rebuild to clean up; search answers from the old set
 throughout.
 
+On a Ray cluster (``ray_address``) a track's decode and model work happen on
+a model worker instead (:mod:`embedd.cluster`): the same items, results and
+writer; only ``_process`` differs.
+
 ``batch_one_model_at_a_time``: one pass per model, unloading each model after
 its pass; each pass decodes every track again (decode work × number of models).
 A track's outcome (processed/failed/skipped) is counted in the last pass, so
 the counters move only then, while ``progress_percent`` counts all passes.
+
+Long because: the pipeline's stages share one run's stop state (``reason``,
+``stop_taking``) and its checkpointer; split, each would reach back into it.
 """
 
 from __future__ import annotations
@@ -52,13 +59,16 @@ from typing import AsyncIterator, Iterable
 import numpy as np
 
 from embedd.audio import AudioDecoder, DecodedAudio
+from embedd.batch.checkpoint import Checkpointer
 from embedd.batch.ending import abort_rebuilds, adopt_public_names, commit_rebuilds, record_status
 from embedd.batch.gate import IsolationGate
+from embedd.batch.job import FINAL_STATUSES, Failure, Job, JobStatus, Outcome
 from embedd.batch.progress import Progress
 from embedd.batch.retry import JobFailed, RetryingStore
 from embedd.batch.scan import SCAN_FILE, Fingerprints, ScanIndex, incremental_scan, scoped_scan, up_to_date
-from embedd.batch.state import FINAL_STATUSES, Checkpointer, Failure, Job, JobStatus, JobStore, Outcome
+from embedd.batch.state import JobStore
 from embedd.batch.writer import WRITE_BATCH, Item, Result, Writer
+from embedd.cluster.client import ClusterFallback, RayCluster
 from embedd.embedding import decode_targets, embed_decoded
 from embedd.errors import Code, EmbeddError
 from embedd.executor import Executor, Lane
@@ -98,6 +108,7 @@ class Collaborators:
     executor: Executor
     decoder: AudioDecoder
     library: NavidromeLibrary | None
+    cluster: RayCluster | None = None  # model work on a Ray cluster (``ray_address``), else the executor
 
 
 class Run:
@@ -134,6 +145,8 @@ class Run:
             # again at resume.
             self.c.executor.withdraw(Lane.BATCH)
             self.c.decoder.withdraw("batch")
+            if self.c.cluster is not None:
+                self.c.cluster.withdraw()
         if reason is StopReason.CANCEL and self.body is not None:
             self.body.cancel()  # and the pipeline's queued decodes go with its tasks
 
@@ -195,6 +208,8 @@ class Run:
                 await asyncio.to_thread(scan.close)
                 if final is not None and final[0] in FINAL_STATUSES:
                     await asyncio.to_thread(ScanIndex.remove, scan.path)
+            if self.c.cluster is not None:
+                await self.c.cluster.close()
             self.progress.current_track = None
             self.progress.waiting = None
         if final is not None:
@@ -224,6 +239,8 @@ class Run:
     async def _prepare(self) -> None:
         c = self.c
         require_library(c.library)
+        if c.cluster is not None:
+            await c.cluster.open()  # connects in the background: tracks wait for its workers
         # Any executor round trip means the models' dims are known (described at executor start).
         await c.executor.call(Lane.CONTROL, lambda registry: None)
         dims = {m: c.executor.model_dim(m) for m in self.job.models}
@@ -260,6 +277,8 @@ class Run:
         # Enough tracks for every decode slot plus enough decoded ones to keep each
         # model's share of the batch lane full; each holds at most one decoded track.
         workers = s.decode_workers + DECODE_PREFETCH + math.ceil(s.batch_queue / len(group))
+        if self.c.cluster is not None:  # every worker's share in flight, and a file read ahead for each
+            workers = max(workers, self.c.cluster.capacity + len(self.c.cluster.workers))
         decode_sem = asyncio.Semaphore(s.decode_workers + DECODE_PREFETCH)
         embed_sem = asyncio.Semaphore(s.batch_queue)
         work_q: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=workers)
@@ -357,6 +376,11 @@ class Run:
         track = item.track
         if self.reason is StopReason.PAUSE:
             return None  # paused: not started, embedded at resume
+        if self.c.cluster is not None:
+            try:
+                return await self._on_cluster(item, self.c.cluster)
+            except ClusterFallback:
+                pass  # ray_fallback = local: the cluster is gone, embed it here
         targets = decode_targets(item.models)
         try:
             async with decode_sem:
@@ -378,6 +402,19 @@ class Run:
                 return await self._embed(item, audio, embed_sem)  # releases the audio
             finally:
                 await asyncio.shield(asyncio.to_thread(jobs.end_track, job_id, track.track_id))
+
+    async def _on_cluster(self, item: Item, cluster: RayCluster) -> Result | None:
+        """The track's model work on a Ray worker: decoded and embedded there, written here as any other."""
+        track = item.track
+        self.progress.current_track = track.display_name
+        try:
+            out = await cluster.embed_track(track.track_id, track.path, track.display_name, item.models)
+        except EmbeddError as exc:
+            if exc.code is Code.CANCELLED:
+                return None  # paused or cancelled: embedded again at resume
+            raise
+        failures = [Failure.from_error(track.track_id, m, track.path, e) for m, e in out.errors.items()]
+        return Result(item, out.seconds, out.vectors, failures)
 
     async def _embed(self, item: Item, audio: DecodedAudio, embed_sem: asyncio.Semaphore) -> Result | None:
         track = item.track

@@ -19,9 +19,10 @@ import os
 import sqlite3
 import threading
 
+from embedd.batch.job import Job
 from embedd.batch.progress import Progress
 from embedd.batch.retry import RetryingStore
-from embedd.batch.state import Job, JobStore
+from embedd.batch.state import JobStore
 from embedd.library import NavidromeLibrary, Shard, Track
 from embedd.store import Move, VectorStore
 

@@ -2,7 +2,11 @@
 
 Navidrome's database is never written; everything a job must survive a crash
 with lives here: the job (models, mode, shard, status, counters, rebuild
-info) and, per (track, model), whether it was stored or failed.
+info) and, per (track, model), whether it was stored or failed. This module
+owns the file's schema and every transaction on it (:class:`JobStore`),
+including the crash-loop guard's in-flight marks; the values it reads and
+writes are in :mod:`embedd.batch.job`, and the buffer that batches a run's
+results into checkpoints is :mod:`embedd.batch.checkpoint`.
 
 Exactly-once results rest on one rule: a (track, model) pair is recorded as
 done only after Milvus confirmed its row, in the same transaction as the
@@ -16,11 +20,12 @@ Durability: WAL with ``synchronous=FULL``. In WAL mode ``NORMAL`` already
 survives a SIGKILL (a committed transaction sits in the WAL in the OS page
 cache, which outlives the process); ``FULL`` also survives power loss or a
 kernel crash by fsyncing the WAL on every commit. That costs one fsync per
-commit: one per checkpoint (~100 tracks), and two per track for the
-crash-loop guard's in-flight mark (``begin_track`` / ``end_track``) --
-milliseconds against the seconds to minutes a track takes to embed. It keeps
-a recorded status change (e.g. "completed" after a rebuild's alias switch)
-from being rolled back by a power cut.
+commit: one per checkpoint (``checkpoint_every``, 100 tracks by default),
+and two per track that reaches its forward passes, for the crash-loop
+guard's in-flight mark (``begin_track`` sets it, ``end_track`` clears it,
+each in its own transaction) -- milliseconds against the seconds to minutes
+a track takes to embed. It keeps a recorded status change (e.g. "completed"
+after a rebuild's alias switch) from being rolled back by a power cut.
 
 The API is synchronous on purpose: the file is small and local, each call is
 one short transaction (well under a millisecond plus one fsync), and a plain
@@ -28,14 +33,13 @@ one short transaction (well under a millisecond plus one fsync), and a plain
 event loop (``asyncio.to_thread`` or its own single worker thread); one lock
 serialises callers, so any thread may use the store.
 
-Long because: one SQLite schema and the transactions on it; splitting would scatter the
-schema.
+Long because: one SQLite schema and the transactions on it (jobs, per-track
+records, the crash-loop guard's marks, which share the per-track tables and
+checkpoint's counting); splitting would scatter the schema.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
 import os
 import secrets
@@ -44,131 +48,13 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from embedd.batch.job import ACTIVE_STATUSES, FINAL_STATUSES, Failure, FailurePage, Job, JobStatus, Outcome, can_become
 from embedd.errors import Code, EmbeddError
 
-__all__ = [
-    "ACTIVE_STATUSES",
-    "FINAL_STATUSES",
-    "Checkpointer",
-    "Failure",
-    "FailurePage",
-    "Job",
-    "JobStatus",
-    "JobStore",
-    "Outcome",
-]
+__all__ = ["JobStore"]
 
 SCHEMA_VERSION = 1
 _IN_CHUNK = 500  # ids per "IN (...)" query, below every SQLite's variable limit
-
-
-class JobStatus(str, enum.Enum):
-    """The contract's job statuses; ``idle`` is never stored (it means "no job")."""
-
-    IDLE = "idle"
-    RUNNING = "running"
-    PAUSED = "paused"
-    CANCELLING = "cancelling"
-    COMPLETED = "completed"
-    COMPLETED_WITH_ERRORS = "completed_with_errors"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ACTIVE_STATUSES = frozenset({JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.CANCELLING})
-FINAL_STATUSES = frozenset(
-    {JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED, JobStatus.CANCELLED}
-)
-
-_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.RUNNING: frozenset(
-        {JobStatus.PAUSED, JobStatus.CANCELLING, JobStatus.CANCELLED, JobStatus.FAILED}
-        | {JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS}
-    ),
-    JobStatus.PAUSED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    # A job may reach its end while a cancel is still on its way.
-    JobStatus.CANCELLING: frozenset(
-        {JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS}
-    ),
-}
-
-
-class Outcome(str, enum.Enum):
-    """What became of one track in a job; each track counts in exactly one counter."""
-
-    PROCESSED = "processed"  # every selected model's vector stored
-    FAILED = "failed"  # at least one model failed (its failure is listed)
-    SKIPPED = "skipped"  # nothing to do (already up to date)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Failure:
-    """One failed (track, model), as ``batch_failures`` lists it."""
-
-    track_id: str
-    model: str
-    code: str  # a contract error code
-    message: str
-    path: str = ""
-
-    @classmethod
-    def from_error(cls, track_id: str, model: str, path: str, error: EmbeddError) -> "Failure":
-        return cls(track_id, model, error.code.value, error.message, path)
-
-    def to_wire(self) -> dict[str, str]:
-        return {"track_id": self.track_id, "path": self.path, "model": self.model, "code": self.code, "message": self.message}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class FailurePage:
-    """``batch_failures``: one page of failed (track, model) pairs, ``total`` of them over ``tracks`` tracks."""
-
-    total: int
-    tracks: int
-    failures: list[Failure]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"total": self.total, "tracks": self.tracks, "failures": [f.to_wire() for f in self.failures]}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Job:
-    """A snapshot of one job's row."""
-
-    job_id: str
-    models: tuple[str, ...]
-    clear_existing: bool
-    shard: str | None
-    status: JobStatus
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    updated_at: float
-    total_tracks: int
-    processed_tracks: int
-    failed_tracks: int
-    skipped_tracks: int
-    checkpoints: int
-    last_checkpoint_at: float | None
-    rebuild: Mapping[str, Any] | None
-    error: str | None
-    #: "manual" (batch_start) or "auto" (the library watcher, :mod:`embedd.batch.watch`)
-    trigger: str = "manual"
-    #: an automatic job's tracks are its scope (:meth:`JobStore.scope_page`), not the whole library
-    scoped: bool = False
-
-    @property
-    def settled_tracks(self) -> int:
-        return self.processed_tracks + self.failed_tracks + self.skipped_tracks
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_STATUSES
-
-    @property
-    def final(self) -> bool:
-        return self.status in FINAL_STATUSES
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS job (
@@ -471,7 +357,7 @@ class JobStore:
                     c.execute("UPDATE job SET error = ?, updated_at = ? WHERE id = ?", (error, now, job_id))
                     return self._get(job_id)
                 return job
-            if status not in _TRANSITIONS.get(job.status, frozenset()):
+            if not can_become(job.status, status):
                 raise EmbeddError(Code.NOT_FOUND, f"batch job {job_id} is {job.status.value} and cannot become {status.value}.")
             finished = now if status in FINAL_STATUSES else None
             c.execute(
@@ -614,9 +500,6 @@ class JobStore:
         suspects = {t for t, _, n in rows if 0 < n < max_crashes}
         return suspects, failures
 
-    def record_failures(self, job_id: str, failures: Iterable[Failure]) -> Job:
-        return self.checkpoint(job_id, failures=failures)
-
     def settled(self, job_id: str, track_ids: Sequence[str]) -> dict[str, frozenset[str]]:
         """For the resume path: the models already done or failed, per track.
 
@@ -673,18 +556,13 @@ class JobStore:
                 "SELECT count(*) FROM job_done WHERE job_seq = ? AND model = ?", (seq, model)
             ).fetchone()[0]
 
-    def failures(self, job_id: str, limit: int = 100, offset: int = 0) -> tuple[int, list[Failure]]:
-        """``batch_failures``: the total and one page, in the order they happened."""
-        page = self.failure_page(job_id, limit, offset)
-        return page.total, page.failures
-
     def failure_page(
         self, job_id: str, limit: int = 100, offset: int = 0, pending: Sequence[Failure] = ()
     ) -> FailurePage:
         """One page of the job's failures: those recorded, then ``pending`` ones not recorded yet.
 
         ``pending`` are a running job's failures that wait for its next checkpoint
-        (:meth:`Checkpointer.failure_page`); a (track, model) pair already recorded
+        (:meth:`~embedd.batch.checkpoint.Checkpointer.failure_page`); a (track, model) pair already recorded
         (a resumed job's track failing again) is not counted twice.
         """
         if limit < 0:
@@ -702,8 +580,7 @@ class JobStore:
             ).fetchall()
             recorded: set[tuple[str, str]] = set()
             ids = sorted({f.track_id for f in pending})
-            for i in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[i : i + _IN_CHUNK]
+            for chunk in _chunks(ids):
                 recorded.update(
                     self._conn.execute(
                         f"SELECT track_id, model FROM job_failure WHERE job_seq = ? AND track_id IN ({','.join('?' * len(chunk))})",
@@ -737,101 +614,3 @@ def _statements(script: str) -> list[str]:
                 out.append(buf.strip())
             buf = ""
     return out
-
-
-class Checkpointer:
-    """Buffers confirmed per-track results and writes them every ``every`` tracks.
-
-    The batch run calls :meth:`add` (no I/O, safe on the event loop) once a
-    track's rows are confirmed by Milvus, or once it failed or was skipped;
-    when :meth:`add` returns True a checkpoint is due and the caller runs
-    :meth:`flush` off the loop. Pause, cancel and the job's end call
-    :meth:`flush` too, so nothing confirmed is left unrecorded. A track of a
-    pass that is not the job's last (``outcome=None``) records its stored
-    models only; its outcome comes with the last pass.
-    """
-
-    def __init__(self, store: JobStore, job_id: str, *, every: int = 100) -> None:
-        if every < 1:
-            raise ValueError(f"every must be at least 1, got {every}")
-        self.store = store
-        self.job_id = job_id
-        self.every = every
-        self._lock = threading.Lock()
-        self._done: list[tuple[str, str]] = []
-        self._failures: list[Failure] = []
-        self._finished: list[tuple[str, Outcome]] = []
-        self._tracks = 0  # tracks added since the last flush, with or without an outcome
-        # Held for a whole flush, so that failure_page never sees a failure both buffered and written.
-        self._flushing = threading.Lock()
-        #: Outcomes buffered and not yet written, per outcome (what progress adds to the durable counters).
-        self.pending_outcomes: dict[Outcome, int] = {o: 0 for o in Outcome}
-
-    @property
-    def pending(self) -> int:
-        """Tracks whose outcome waits for the next checkpoint."""
-        return len(self._finished)
-
-    def add(
-        self,
-        track_id: str,
-        outcome: Outcome | str | None,
-        *,
-        done_models: Iterable[str] = (),
-        failures: Iterable[Failure] = (),
-    ) -> bool:
-        with self._lock:
-            self._done.extend((track_id, m) for m in done_models)
-            self._failures.extend(failures)
-            if outcome is not None:
-                outcome = Outcome(outcome)
-                self._finished.append((track_id, outcome))
-                self.pending_outcomes[outcome] += 1
-            self._tracks += 1
-            return self._tracks >= self.every
-
-    def flush(self) -> Job | None:
-        """Write what is buffered (blocking); None when there was nothing. The counts leave
-        ``pending_outcomes`` at once (see :meth:`flush_for_view` for a live view)."""
-        job, written = self.flush_for_view()
-        self.published(written)
-        return job
-
-    def flush_for_view(self) -> tuple[Job | None, list[Outcome]]:
-        """Write what is buffered (blocking): the job as written and the outcomes it took from
-        the buffer, which stay in ``pending_outcomes`` until :meth:`published` is given them."""
-        with self._flushing:
-            return self._flush()
-
-    def failure_page(self, limit: int = 100, offset: int = 0) -> FailurePage:
-        """``batch_failures`` while the job runs (blocking): the recorded failures, then the buffered ones."""
-        with self._flushing:
-            with self._lock:
-                pending = list(self._failures)
-            return self.store.failure_page(self.job_id, limit, offset, pending)
-
-    def _flush(self) -> tuple[Job | None, list[Outcome]]:
-        with self._lock:
-            done, failures, finished = self._done, self._failures, self._finished
-            self._done, self._failures, self._finished = [], [], []
-            tracks, self._tracks = self._tracks, 0
-        if not (done or failures or finished):
-            return None, []
-        try:
-            job = self.store.checkpoint(self.job_id, done=done, failures=failures, finished=finished)
-        except BaseException:
-            with self._lock:  # keep them for the next try (e.g. the disk was full)
-                self._done[:0], self._failures[:0], self._finished[:0] = done, failures, finished
-                self._tracks += tracks
-            raise
-        return job, [outcome for _, outcome in finished]
-
-    def published(self, written: Iterable[Outcome]) -> None:
-        """The view took the job a flush wrote: stop counting that flush's outcomes as pending.
-
-        The batch run calls it on the event loop in the same turn as the view takes the
-        new job, so a view never counts the written tracks twice or not at all.
-        """
-        with self._lock:
-            for outcome in written:
-                self.pending_outcomes[outcome] -= 1

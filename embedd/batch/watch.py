@@ -58,7 +58,7 @@ import time
 import urllib.parse
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
-from embedd.batch.state import Job, JobStatus
+from embedd.batch.job import Job, JobStatus
 from embedd.errors import Code, EmbeddError
 from embedd.library import _quiescent_wal, parse_navidrome_time
 from embedd.settings import parse_windows  # re-exported: the one parser of the format

@@ -1,7 +1,7 @@
 """The batch run's writer: results to Milvus in batches, then to the checkpoint buffer.
 
 Only after Milvus acknowledged a track's rows is the track given to the
-:class:`~embedd.batch.state.Checkpointer`; one row Milvus refuses fails that
+:class:`~embedd.batch.checkpoint.Checkpointer`; one row Milvus refuses fails that
 (track, model) alone, not its neighbours.
 """
 
@@ -15,9 +15,10 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
+from embedd.batch.checkpoint import Checkpointer
+from embedd.batch.job import Failure, Outcome
 from embedd.batch.progress import Progress
 from embedd.batch.retry import JobFailed, RetryingStore
-from embedd.batch.state import Checkpointer, Failure, Outcome
 from embedd.errors import EmbeddError
 from embedd.library import Track
 from embedd.settings import Settings

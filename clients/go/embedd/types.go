@@ -79,10 +79,97 @@ type LaneStatus struct {
 	Overloaded  int64       `msgpack:"overloaded"`
 }
 
+// ExecutorJob is one job the executor ran, in its sequence of events.
+type ExecutorJob struct {
+	Lane string `msgpack:"lane"` // "control", "interactive" or "batch"
+	Kind string `msgpack:"kind"` // "audio", "text" or "call"
+	// Model is "" for a job that needs no model.
+	Model      string `msgpack:"model"`
+	QueuedSeq  int64  `msgpack:"queued_seq"`
+	StartedSeq int64  `msgpack:"started_seq"`
+	DoneSeq    int64  `msgpack:"done_seq"`
+}
+
+// ExecutorRecent is the executor's last passes and jobs (64 of each at most).
+type ExecutorRecent struct {
+	Passes []PassStatus  `msgpack:"passes"`
+	Jobs   []ExecutorJob `msgpack:"jobs"`
+}
+
 // ExecutorStatus is the model executor's two lanes ("interactive", "batch").
 type ExecutorStatus struct {
-	Lanes map[string]LaneStatus `msgpack:"lanes"`
-	Seq   int64                 `msgpack:"seq"`
+	Lanes  map[string]LaneStatus `msgpack:"lanes"`
+	Recent ExecutorRecent        `msgpack:"recent"`
+	// Seq is this answer's place in the executor's sequence of events.
+	Seq int64 `msgpack:"seq"`
+}
+
+// DecoderLaneStatus is one lane ("interactive", "batch") of the audio decoder pool.
+type DecoderLaneStatus struct {
+	Depth       int      `msgpack:"depth"` // decodes waiting for a worker
+	OldestWaitS *float64 `msgpack:"oldest_wait_s"`
+	Running     int      `msgpack:"running"` // decodes in the workers now
+}
+
+// StoreLaneStatus is one lane ("read", "write") of the vector store's threads.
+type StoreLaneStatus struct {
+	Depth       int      `msgpack:"depth"`
+	OldestWaitS *float64 `msgpack:"oldest_wait_s"`
+	RunningS    *float64 `msgpack:"running_s"` // how long the call in progress has run; nil when idle
+}
+
+// AdmissionStatus is the bound on work admitted, socket and HTTP together.
+type AdmissionStatus struct {
+	InFlight        int   `msgpack:"in_flight"`
+	Limit           int   `msgpack:"limit"` // max_inflight_requests
+	BytesHeld       int64 `msgpack:"bytes_held"`
+	BytesLimit      int64 `msgpack:"bytes_limit"` // max_inflight_mb, in bytes
+	OverloadedTotal int64 `msgpack:"overloaded_total"`
+	// Overloaded counts the refusals per bound ("requests", "bytes").
+	Overloaded map[string]int64 `msgpack:"overloaded"`
+}
+
+// LegacyCollection is a collection of the system embedd replaces, found
+// under or beside a public name (docs/protocol.md, status).
+type LegacyCollection struct {
+	Collection string `msgpack:"collection"`
+	Public     string `msgpack:"public"`
+	Model      string `msgpack:"model"`
+	Rows       *int64 `msgpack:"rows"` // nil when Milvus would not count them
+	// Serving is true while it still holds its public name.
+	Serving bool `msgpack:"serving"`
+}
+
+// LibraryWatchPoll is the cost of the library watcher's last poll.
+type LibraryWatchPoll struct {
+	RowsRead     int     `msgpack:"rows_read"`
+	DiffRowsRead int     `msgpack:"diff_rows_read"`
+	DurationS    float64 `msgpack:"duration_s"`
+}
+
+// LibraryWatchStatus is the library watcher, which starts automatic batch
+// jobs when Navidrome's library changes (docs/operations.md).
+type LibraryWatchStatus struct {
+	Enabled        bool     `msgpack:"enabled"`
+	LastSeenAt     *float64 `msgpack:"last_seen_at"`
+	LastScanAt     *float64 `msgpack:"last_scan_at"`
+	ScanInProgress bool     `msgpack:"scan_in_progress"`
+	// Pending counts the changed tracks waiting for an automatic job, by kind
+	// ("added", "changed", "removed").
+	Pending     map[string]int `msgpack:"pending"`
+	HeldMissing int            `msgpack:"held_missing"`
+	NextJobAt   *float64       `msgpack:"next_job_at"`
+	// Waiting says why pending tracks wait ("quiet_period", "job_running", "off", ...); nil when not.
+	Waiting        *string          `msgpack:"waiting"`
+	LastActivityAt *float64         `msgpack:"last_activity_at"`
+	QuietS         float64          `msgpack:"quiet_s"`
+	PollS          float64          `msgpack:"poll_s"`
+	Models         []string         `msgpack:"models"` // nil: the models whose collections hold vectors
+	LastJobID      *string          `msgpack:"last_job_id"`
+	AutoJobs       int              `msgpack:"auto_jobs"`
+	Polls          int              `msgpack:"polls"`
+	LastPoll       LibraryWatchPoll `msgpack:"last_poll"`
+	Error          *string          `msgpack:"error"`
 }
 
 // QueueStatus is the depth of the daemon's work queues.
@@ -106,7 +193,16 @@ type StatusResult struct {
 	Queue   QueueStatus            `msgpack:"queue"`
 	// Executor is nil from a daemon older than the lanes.
 	Executor *ExecutorStatus `msgpack:"executor"`
-	Milvus   MilvusStatus    `msgpack:"milvus"`
+	// Decoder is the audio decoder's lanes; nil before the daemon started it.
+	Decoder map[string]DecoderLaneStatus `msgpack:"decoder"`
+	// Store is the vector store's lanes ("read", "write").
+	Store     map[string]StoreLaneStatus `msgpack:"store"`
+	Admission *AdmissionStatus           `msgpack:"admission"`
+	Milvus    MilvusStatus               `msgpack:"milvus"`
+	// LegacyCollections is nil when Milvus did not answer in time.
+	LegacyCollections []LegacyCollection `msgpack:"legacy_collections"`
+	// LibraryWatch is nil without a Navidrome database (no watcher).
+	LibraryWatch *LibraryWatchStatus `msgpack:"library_watch"`
 }
 
 // EmbedFileRequest asks for the embeddings of one audio file. Give exactly
@@ -231,8 +327,39 @@ type Progress struct {
 	RekeyedTracks       int      `msgpack:"rekeyed_tracks"`
 	// Trigger is "manual" (batch_start) or "auto" (the library watcher); empty before any job.
 	Trigger string `msgpack:"trigger"`
-	// Waiting says why a running job is stalled (Milvus unreachable); nil otherwise.
+	// Waiting says why a running job is stalled (Milvus or the Ray cluster unreachable); nil otherwise.
 	Waiting *string `msgpack:"waiting"`
+	// LibraryWatch is the library watcher, in batch_progress answers only
+	// (not in status's batch, nor from batch_watch, pause or resume).
+	LibraryWatch *LibraryWatchStatus `msgpack:"library_watch"`
+	// Cluster is the Ray cluster the job's model work runs on (ray_address); nil when it runs in the daemon.
+	Cluster *ClusterStatus `msgpack:"cluster"`
+}
+
+// ClusterStatus is the Ray cluster a library job runs on, and its model workers.
+type ClusterStatus struct {
+	Address string `msgpack:"address"`
+	// State is closed (no job), connecting, up, down (waiting for it) or fallback (the job went on in the daemon).
+	State     string          `msgpack:"state"`
+	Error     *string         `msgpack:"error"`
+	DownSince *float64        `msgpack:"down_since"`
+	Fallback  string          `msgpack:"fallback"`
+	Workers   []ClusterWorker `msgpack:"workers"`
+}
+
+// ClusterWorker is one Ray model worker: where it runs and what it did.
+type ClusterWorker struct {
+	Name          string   `msgpack:"name"`
+	State         string   `msgpack:"state"`
+	Host          string   `msgpack:"host"`
+	Device        string   `msgpack:"device"`
+	PID           int      `msgpack:"pid"`
+	InFlight      int      `msgpack:"in_flight"`
+	TracksDone    int      `msgpack:"tracks_done"`
+	TracksFailed  int      `msgpack:"tracks_failed"`
+	TracksPerHour *float64 `msgpack:"tracks_per_hour"`
+	Restarts      int      `msgpack:"restarts"`
+	LastError     *string  `msgpack:"last_error"`
 }
 
 // Final reports whether the job has stopped for good (it will not change
@@ -276,4 +403,7 @@ type BatchFailuresResult struct {
 // UnloadResult is the answer to unload.
 type UnloadResult struct {
 	Unloaded []string `msgpack:"unloaded"`
+	// Kept is the loaded models it left alone, each with why (a lane is
+	// running work in it, or the running batch job uses it).
+	Kept map[string]string `msgpack:"kept"`
 }

@@ -1,31 +1,22 @@
-"""The daemon's one typed settings object, built once at start-up.
+"""The settings model: every setting the daemon accepts, its type, default, bounds and help.
 
-Precedence, highest first: command-line flags > environment > TOML file >
-defaults, merged by pydantic-settings from its own sources: the flags come in as
-init values, the environment through its environment source, the file through
-its TOML source. Each setting reads ``EMBEDD_<NAME>`` and nothing else but the
-names of the system embedd replaces (``NAVIDROME_MILVUS_URI``,
-``NAVIDROME_DB_PATH``, ``NAVIDROME_MUSIC_ROOT``, ``LOG_DIR``; see
-:data:`_ENV_NAMES`), so another program's ``LOG_LEVEL`` or ``SOCKET`` never
-becomes a setting. Every catalogued model gets a ``<name>_model`` source
-setting (``--muq-model``) from :data:`embedd.models.CATALOG`.
-
-Every field's description doubles as its ``embedd serve --help`` text, so the
-help can never drift from what is accepted. The flags are a thin argparse layer
-rather than pydantic's own CLI source, which would print its own help format and
-could not share the ``serve`` subcommand's parser as it is.
+Owns the :class:`Settings` class (frozen, built once at start-up, read
+everywhere), the checks on its values, and what it derives from them (the Milvus
+URI, the state database, a model's id with its vector-changing knobs). Every
+catalogued model gets a ``<name>_model`` source setting (``--muq-model``) from
+:data:`embedd.models.CATALOG`. Every field's description doubles as its
+``embedd serve --help`` text, so the help can never drift from what is accepted.
+Where values come from is :mod:`embedd.settings.sources`; the defaults of the
+paths are :mod:`embedd.settings.paths`; turning inputs into a Settings (or one
+line saying why not) is :mod:`embedd.settings.build`.
 
 Long because: every setting's declaration and help text.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextvars
 import os
 import re
-import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
@@ -34,83 +25,27 @@ from pydantic import (
     AliasGenerator,
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    SettingsError,
-    TomlConfigSettingsSource,
 )
 
 from embedd.address import HttpAddress, parse_http_address
 from embedd.models import CATALOG
+from embedd.settings.paths import data_dir as _data_dir
+from embedd.settings.paths import default_socket_path
+from embedd.settings.sources import env_names, settings_sources
 
-__all__ = [
-    "Settings",
-    "SettingsInvalid",
-    "add_settings_arguments",
-    "build_settings",
-    "check_device",
-    "default_socket_path",
-    "env_names",
-    "source_field",
-]
+__all__ = ["Settings", "parse_windows", "source_field"]
 
 MiB = 1024 * 1024
-
-
-def _runtime_dir() -> Path:
-    # systemd's RuntimeDirectory= wins; then the XDG user runtime dir; /run only for root.
-    if d := os.environ.get("RUNTIME_DIRECTORY"):
-        return Path(d.split(":")[0])
-    if d := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(d) / "embedd"
-    if os.geteuid() == 0:
-        return Path("/run/embedd")
-    return Path(f"/tmp/embedd-{os.geteuid()}")
-
-
-def _data_dir() -> Path:
-    if d := os.environ.get("STATE_DIRECTORY"):
-        return Path(d.split(":")[0])
-    if d := os.environ.get("XDG_DATA_HOME"):
-        return Path(d) / "embedd"
-    if os.geteuid() == 0:
-        return Path("/var/lib/embedd")
-    return Path.home() / ".local" / "share" / "embedd"
-
-
-def default_socket_path() -> Path:
-    """Where client and daemon meet when neither is told otherwise."""
-    return Path(os.environ.get("EMBEDD_SOCKET") or _runtime_dir() / "embedd.sock")
-
-
-ENV_PREFIX = "EMBEDD_"
-
-# Settings whose environment names are not just ENV_PREFIX + NAME: the names of the
-# system embedd replaces keep working after embedd's own, and one name is shorter.
-_ENV_NAMES: dict[str, tuple[str, ...]] = {
-    "log_dir": ("EMBEDD_LOG_DIR", "LOG_DIR"),
-    "milvus_uri": ("EMBEDD_MILVUS_URI", "NAVIDROME_MILVUS_URI"),
-    "navidrome_db": ("EMBEDD_NAVIDROME_DB", "NAVIDROME_DB_PATH"),
-    "music_root": ("EMBEDD_MUSIC_ROOT", "NAVIDROME_MUSIC_ROOT"),
-    "model_cache_dir": ("EMBEDD_MODEL_CACHE_DIR", "HF_HUB_CACHE"),
-    "max_inflight_per_connection": ("EMBEDD_MAX_INFLIGHT",),
-}
-
-
-def env_names(field: str) -> tuple[str, ...]:
-    """The environment variables a setting reads, first set one winning (names are case-sensitive)."""
-    return _ENV_NAMES.get(field) or (ENV_PREFIX + field.upper(),)
 
 
 def _names(field: str) -> AliasChoices:
@@ -335,6 +270,43 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         le=19,
         description="How much lower the batch job's CPU priority is than interactive work and the rest "
         "of the host, as a Linux nice value (0 = the same).",
+    )
+
+    # -- the library job on a Ray cluster (embedd.cluster) -------------------
+    ray_address: str | None = Field(
+        default=None,
+        description="Run the library job's model work on Ray workers: unset = in this process (the "
+        "default); local = a Ray instance started for the daemon, one worker per local GPU; auto or "
+        "host:port or ray://host:port = join that cluster. The daemon stays the one control plane "
+        "(job state, checkpoints, Milvus writes). Needs embedd[ray]; see docs/operations.md.",
+    )
+    ray_workers_per_gpu: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Model workers per GPU of the Ray cluster (each holds the job's models).",
+    )
+    ray_cpu_workers: int = Field(
+        default=0,
+        ge=0,
+        description="Model workers on CPUs of the Ray cluster, besides those on GPUs (for a cluster of "
+        "CPU hosts); Ray spreads them over the nodes.",
+    )
+    ray_worker_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        description="CPUs a CPU model worker reserves on its node (Ray resource; its torch threads use "
+        "them).",
+    )
+    ray_fallback: Literal["wait", "local"] = Field(
+        default="wait",
+        description="When the Ray cluster is unreachable: wait = the job waits (batch progress says why) "
+        "and goes on when it is back; local = the job goes on in this process.",
+    )
+    ray_shared_paths: bool = Field(
+        default=False,
+        description="Ray workers see the music at the paths the daemon sees (a shared mount) and read "
+        "the files themselves; otherwise the daemon reads each file once and ships its bytes.",
     )
 
     # -- audio -------------------------------------------------------------
@@ -603,156 +575,4 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Highest first: the flags build_settings passes in, the environment, the TOML
         # file it was told of. No .env file and no secrets directory.
-        return (init_settings, _Environment(settings_cls), _TomlFile(settings_cls, _config_file.get()))
-
-
-class SettingsInvalid(Exception):
-    """A setting could not be accepted; the message is one line for the operator."""
-
-
-# pydantic asks the class for its sources without arguments; the file one build_settings
-# call was told of reaches _TomlFile through this.
-_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("embedd_config_file", default=None)
-
-
-class _Environment(EnvSettingsSource):
-    """pydantic's environment source, reading only each setting's documented names.
-
-    The stock lookup also tries every alias, the bare field name (``batch_size``)
-    included; here only :func:`env_names` count.
-    """
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        for name in env_names(field_name):
-            value = self.env_vars.get(name)
-            if value is not None:
-                return value, field_name, False
-        return None, field_name, False
-
-
-class _TomlFile(TomlConfigSettingsSource):
-    """pydantic's TOML source, strict about the file it is given.
-
-    A file that was named must be readable and valid TOML, and every key in it a
-    setting: a typo fails start-up instead of being ignored. The keys may sit at
-    the top level or in an ``[embedd]`` table.
-    """
-
-    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
-        if path is not None:
-            try:
-                path.open("rb").close()
-            except OSError as exc:
-                raise SettingsInvalid(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
-        self._known = frozenset(settings_cls.model_fields)  # the parent reads the file in its __init__
-        super().__init__(settings_cls, toml_file=path)
-
-    def _read_file(self, file_path: Any) -> dict[str, Any]:
-        try:
-            data = super()._read_file(file_path)
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsInvalid(f"config file {str(file_path)!r} is not valid TOML: {exc}") from None
-        data = data.get("embedd", data)
-        unknown = sorted(set(data) - self._known)
-        if unknown:
-            raise SettingsInvalid(f"config file {str(file_path)!r} has unknown setting {unknown[0]!r}")
-        return data
-
-
-def _field_names(field: str) -> str:
-    flag = "--" + field.replace("_", "-")
-    return " / ".join([flag, *env_names(field)])
-
-
-def build_settings(cli: dict[str, Any] | None = None, config_file: Path | None = None) -> Settings:
-    """CLI values > environment > TOML > defaults; raises SettingsInvalid with one line."""
-    flags = {k: v for k, v in (cli or {}).items() if v is not None}
-    if config_file is None and (env_file := os.environ.get("EMBEDD_CONFIG")):
-        config_file = Path(env_file)
-    chosen = _config_file.set(config_file)
-    try:
-        return Settings(**flags)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "settings"
-        where = _field_names(field) if field in Settings.model_fields else field
-        value = err.get("input")
-        shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
-        reason = err["msg"].removeprefix("Value error, ")
-        raise SettingsInvalid(f"invalid setting {where}: {reason}{shown}") from None
-    except SettingsError as exc:
-        raise SettingsInvalid(f"invalid settings: {exc}") from None
-    finally:
-        _config_file.reset(chosen)
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting, its help taken from the field description."""
-    parser.add_argument("--config", type=Path, help="TOML file of settings (also EMBEDD_CONFIG).")
-    for field in _flag_order():
-        info = Settings.model_fields[field]
-        flag = "--" + field.replace("_", "-")
-        envs = env_names(field)
-        default = info.get_default(call_default_factory=True)
-        if isinstance(default, list):
-            default = ",".join(map(str, default)) or "none"
-        elif isinstance(default, dict):
-            default = ",".join(f"{k}={v}" for k, v in default.items()) or "none"
-        elif default is None:
-            default = "none"
-        elif field == "socket_mode":
-            default = f"{default:04o}"  # as chmod and the docs write it: 0660, not 0o660
-        help_text = f"{info.description} [env: {', '.join(envs)}; default: {default}]"
-        if info.annotation is bool:
-            parser.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=field, default=None, metavar=field.upper(), help=help_text)
-
-
-def _flag_order() -> list[str]:
-    """The settings in declaration order, the models' sources right after ``device``."""
-    sources = [source_field(name) for name in CATALOG]
-    order = [field for field in Settings.model_fields if field not in sources]
-    at = order.index("device") + 1
-    return order[:at] + sources + order[at:]
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    cli = {field: getattr(args, field, None) for field in Settings.model_fields}
-    return build_settings(cli, getattr(args, "config", None))
-
-
-def check_device(settings: Settings) -> None:
-    """Refuse ``device = cuda`` / ``cuda:N`` that this host cannot run, before the daemon starts.
-
-    Only an explicit CUDA device costs the torch import here (``auto`` and
-    ``cpu`` never fail this way); without the check the daemon would start and
-    every model request would fail. Raises :class:`SettingsInvalid` with one line.
-    """
-    device = settings.device
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    index = int(device[5:]) if device.startswith("cuda:") else 0
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if index < count:
-            return
-        have = ", ".join(f"cuda:{i}" for i in range(count))
-        reason = f"this host has {count} CUDA GPU{'s' if count != 1 else ''} ({have})"
-    elif torch.version.cuda is None:
-        reason = f"this torch build ({torch.__version__}) has no CUDA support"
-    else:
-        try:  # is_available() only says no; initialising says why (it fails: nothing is set up)
-            torch.cuda.init()
-            why = "torch sees none"
-        except Exception as exc:
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
-        reason = f"no usable CUDA GPU ({why})"
-    raise SettingsInvalid(f"invalid setting {_field_names('device')}: {reason}; use auto or cpu (got {device!r})")
-
-
-def fail(message: str) -> None:
-    print(f"embedd: {message}", file=sys.stderr)
-    raise SystemExit(2)
+        return settings_sources(settings_cls, init_settings)
