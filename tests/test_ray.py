@@ -10,6 +10,7 @@ Music2Latent, rows read back from the Milvus Lite file.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,10 +27,11 @@ from tests.daemon import short_tmpdir
 pytest.importorskip("ray")
 
 MODELS = ["muq", "mert", "latent"]
-#: One window per forward pass on both paths. Which tracks share a pass changes a real-size model's float
-#: sums: with the default batch size the two paths' stock-size Music2Latent vectors met at cosine 0.99998
-#: (the tracks had shared passes differently), with one window per pass at >= 0.99999.
-SAME_PASSES = ["--batch-size", "1"]
+#: The same arithmetic on both paths: one window per forward pass and one torch thread (a CPU worker's
+#: share, ``ray_worker_cpus``). Which tracks share a pass, and how many threads split a product, change
+#: a real-size model's float sums: with the in-process defaults (batches, both cores) the stock-size
+#: Music2Latent vectors of the two paths met at cosine 0.99998; like for like, at >= 0.99999.
+SAME_PASSES = ["--batch-size", "1", "--batch-threads", "1"]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -42,9 +44,12 @@ class TwoNodes:
             self.port = s.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
         self.temp = short_tmpdir("ray-")
+        #: Ray's token authentication, explicit: every node, and the daemon's bridge, hold the same token
+        #: (left unset, a token another Ray on this host wrote to ~/.ray would decide it).
+        self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
     def _ray(self, *args: str) -> None:
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.auth_env}
         done = subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"ray {' '.join(args)}: {done.stdout}\n{done.stderr}"
 
@@ -81,10 +86,12 @@ def root():
 
 
 def _daemon(root: Path, lib: Library, models: dict[str, str], nodes: TwoNodes, *extra: str) -> BatchDaemon:
-    return BatchDaemon(
+    d = BatchDaemon(
         root / "d", lib, models,
         extra=["--ray-address", nodes.address, "--ray-cpu-workers", "2", "--checkpoint-every", "4", *extra],
     )  # fmt: skip
+    d.env.update(nodes.auth_env)
+    return d
 
 
 def _workers(d: BatchDaemon) -> dict[str, dict]:

@@ -63,6 +63,7 @@ class _Worker:
     name: str
     options: dict[str, Any]
     device: str
+    threads: int = 0  # its torch threads (a CPU worker: the CPUs it reserved; 0: every core it sees)
     actor: Any = None
     state: str = "starting"  # starting | ready | dead
     host: str = ""
@@ -120,7 +121,7 @@ class Bridge:
             self.workers.append(_Worker(f"gpu-{i}", {"num_gpus": 1.0 / per_gpu, "num_cpus": 1}, "cuda"))
         for i in range(self.settings.ray_cpu_workers):
             opts = {"num_cpus": self.settings.ray_worker_cpus, "num_gpus": 0, "scheduling_strategy": "SPREAD"}
-            self.workers.append(_Worker(f"cpu-{i}", opts, "cpu"))
+            self.workers.append(_Worker(f"cpu-{i}", opts, "cpu", threads=max(1, int(self.settings.ray_worker_cpus))))
         if not self.workers:
             raise RuntimeError(
                 f"the Ray cluster at {address!r} has no GPU and ray_cpu_workers is 0: there is nothing to run "
@@ -143,7 +144,7 @@ class Bridge:
             try:
                 worker.actor = remote.options(
                     name=f"embedd-{worker.name}-{worker.restarts}", max_restarts=0, max_concurrency=64, **worker.options
-                ).remote(self.settings, worker.device, worker.name)
+                ).remote(self.settings, worker.device, worker.name, worker.threads)
                 where = await worker.actor.ready.remote()
             except Exception as exc:  # the actor could not start (no resources left, a broken install)
                 worker.last_error = f"could not start: {_reason(exc)}"

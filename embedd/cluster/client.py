@@ -26,6 +26,7 @@ tracks (:meth:`RayCluster.embed_track`). What stays here, on the daemon:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from embedd.audio.budget import HeldAudioGate
 from embedd.cluster.wire import read_message, write_message
 from embedd.errors import Code, EmbeddError
 from embedd.settings import Settings
@@ -46,6 +48,8 @@ log = logging.getLogger("embedd.cluster")
 
 #: Seconds between tries to reach a lost cluster (``ray_fallback = wait``).
 RETRY_S = 10.0
+#: Seconds :meth:`RayCluster.open` waits for the bridge to say how many workers there are.
+SETTLE_S = 60.0
 #: The biggest file shipped to a worker (a 30-minute WAV at 96 kHz 24-bit stereo is about 1 GB).
 MAX_SHIPPED_BYTES = 2**30
 
@@ -82,6 +86,8 @@ class RayCluster:
         self._withdrawals = 0
         self._strikes: dict[str, list[str]] = {}
         self._open = False
+        #: Encoded files read and not yet answered, within the decoded-audio budget.
+        self._shipped = HeldAudioGate(settings.decoded_audio_mb * 2**20)
 
     # ---- lifecycle (the run's start and end)
     async def open(self) -> None:
@@ -90,6 +96,15 @@ class RayCluster:
         self._open = True
         self._strikes.clear()
         await self._spawn()
+        # Until the bridge says up or down, nobody knows how many workers there are (the run sizes its
+        # pipeline by them). ray.init and the resource count take seconds; a cluster that is slower
+        # than SETTLE_S to answer is waited for by the tracks instead.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._settled(), SETTLE_S)
+
+    async def _settled(self) -> None:
+        while self.state == "connecting":
+            await self._changed.wait()
 
     async def close(self) -> None:
         self._open = False
@@ -177,12 +192,24 @@ class RayCluster:
         Raises :class:`ClusterFallback` (embed it in the daemon instead) and
         ``cancelled`` (the job paused or was cancelled: embedded again later).
         """
-        source: bytes | str = path
-        if not self.settings.ray_shared_paths:
-            try:
-                source = await asyncio.to_thread(_read_file, path)
-            except EmbeddError as exc:
-                return TrackResult({}, {m: exc for m in models}, 0.0)
+        if self.settings.ray_shared_paths:
+            return await self._embed(track_id, path, display, models)
+        try:
+            size = await asyncio.to_thread(_size_of, path)
+        except EmbeddError as exc:
+            return TrackResult({}, {m: exc for m in models}, 0.0)
+        await self._shipped.acquire(size)  # files in flight held within decoded_audio_mb, as decoded audio is
+        try:
+            data = await asyncio.to_thread(_read_file, path)
+            return await self._embed(track_id, data, display, models)
+        except EmbeddError as exc:
+            if exc.code is Code.CANCELLED:
+                raise
+            return TrackResult({}, {m: exc for m in models}, 0.0)
+        finally:
+            self._shipped.releaser(size, asyncio.get_running_loop())()
+
+    async def _embed(self, track_id: str, source: bytes | str, display: str, models: tuple[str, ...]) -> TrackResult:
         withdrawals = self._withdrawals
         while True:
             await self._usable(withdrawals)
@@ -253,13 +280,23 @@ class RayCluster:
         }
 
 
+def _size_of(path: str) -> int:
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise EmbeddError(Code.DECODE_ERROR, f"cannot read {path}: {exc.strerror}") from None
+    if size > MAX_SHIPPED_BYTES:
+        raise EmbeddError(
+            Code.TOO_LARGE,
+            f"{path} is {size} bytes, over the {MAX_SHIPPED_BYTES} bytes shipped to a Ray worker "
+            "(set ray_shared_paths if the workers see the music)",
+        )
+    return size
+
+
 def _read_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_SHIPPED_BYTES:
-                raise EmbeddError(Code.TOO_LARGE, f"{path} is {size} bytes, over the {MAX_SHIPPED_BYTES} bytes "
-                                  "shipped to a Ray worker (set ray_shared_paths if the workers see the music)")
             return f.read()
     except OSError as exc:
         raise EmbeddError(Code.DECODE_ERROR, f"cannot read {path}: {exc.strerror}") from None

@@ -43,8 +43,10 @@ Outcome = tuple[dict[str, tuple], float]
 class ModelWorker:
     """The actor's body (``ray.remote`` is applied by the bridge, so this module imports without Ray)."""
 
-    def __init__(self, settings: Settings, device: str | None, name: str) -> None:
+    def __init__(self, settings: Settings, device: str | None, name: str, threads: int = 0) -> None:
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if threads:  # the CPUs Ray gave this worker, not every core of its host (shared with other workers)
+            settings = settings.model_copy(update={"batch_threads": threads})
         self.settings = settings
         self.name = name
         self.executor = build_executor(settings, device=device)
