@@ -70,6 +70,7 @@ class _Worker:
     pid: int = 0
     in_flight: int = 0
     alone: bool = False
+    models: set[str] = dataclasses.field(default_factory=set)
     done: int = 0
     failed: int = 0
     first_at: float | None = None
@@ -84,6 +85,7 @@ class _Worker:
             "host": self.host,
             "device": self.device,
             "pid": self.pid,
+            "models": sorted(self.models),
             "in_flight": self.in_flight,
             "tracks_done": self.done,
             "tracks_failed": self.failed,
@@ -178,6 +180,7 @@ class Bridge:
             await self._send({"op": "cancelled", "id": request_id})
             raise
         actor = worker.actor
+        worker.models.update(message["models"])
         try:
             ref = actor.embed.remote(message["source"], message["display"], message["models"])
             try:

@@ -354,6 +354,7 @@ type ClusterWorker struct {
 	Host          string   `msgpack:"host"`
 	Device        string   `msgpack:"device"`
 	PID           int      `msgpack:"pid"`
+	Models        []string `msgpack:"models"`
 	InFlight      int      `msgpack:"in_flight"`
 	TracksDone    int      `msgpack:"tracks_done"`
 	TracksFailed  int      `msgpack:"tracks_failed"`
