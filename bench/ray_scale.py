@@ -23,6 +23,8 @@ and scheduling a track pays on top of its model work.
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import shutil
 import statistics
 import sys
@@ -31,6 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Ray's token, before anything imports Ray (which reads it once): the cluster below and this driver share it.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 from tests.batch_fixtures import BatchDaemon, Library  # noqa: E402
 from tests.daemon import short_tmpdir  # noqa: E402
@@ -56,13 +61,10 @@ def _job(root: Path, lib: Library, models: dict[str, str], extra: list[str], aut
 
 
 def _round_trips(address: str, auth: dict[str, str], payload_mb: float, calls: int) -> tuple[float, float]:
-    import os
-
     import numpy as np
     import ray
 
-    os.environ.update(auth)
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    ray.init(address=address, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     try:
 
         @ray.remote(num_cpus=1)

@@ -46,7 +46,7 @@ class TwoNodes:
         self.temp = short_tmpdir("ray-")
         #: Ray's token authentication, explicit: every node, and the daemon's bridge, hold the same token
         #: (left unset, a token another Ray on this host wrote to ~/.ray would decide it).
-        self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
 
     def _ray(self, *args: str) -> None:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.auth_env}
