@@ -40,8 +40,11 @@ until Navidrome deletes the rows or the files come back.
 The first poll over a new data directory only takes the snapshot: changes
 before it are for ``embedd batch start``.
 
-Long because: the watcher's poll, its snapshot of the library and the debounce, one
-state machine.
+This module owns the poll and the decisions (the debounce, the quiet hours,
+when to start a job, settling the jobs that ended), with an injectable clock;
+Navidrome's side is :mod:`embedd.batch.watch_probe` (the reads) and the
+watcher's own state is :mod:`embedd.batch.watch_snapshot` (the snapshot, the
+diff, pending and taken tracks). Their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -49,18 +52,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
-import os
-import sqlite3
-import threading
 import time
-import urllib.parse
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from embedd.batch.job import Job, JobStatus
+from embedd.batch.watch_probe import NavidromeProbe, ScanState
+from embedd.batch.watch_snapshot import MASS_MISSING_MIN, MASS_MISSING_SHARE, PAGE, WATCH_FILE, Snapshot
 from embedd.errors import Code, EmbeddError
-from embedd.library import _quiescent_wal, parse_navidrome_time
 from embedd.settings import parse_windows  # re-exported: the one parser of the format
 
 __all__ = [
@@ -76,14 +75,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-WATCH_FILE = "library-watch.sqlite3"
-#: media_file rows per diff page (one short read each).
-PAGE = 5000
-#: A scan that marks more than this share of the library missing (and at least MASS_MISSING_MIN tracks) is held.
-MASS_MISSING_SHARE = 0.10
-MASS_MISSING_MIN = 20
-_KINDS = ("added", "changed", "removed")
 
 # ---------------------------------------------------------------- settings
 
@@ -122,285 +113,6 @@ class WatchConfig:
             models=tuple(settings.watch_models),
             hours=parse_windows(settings.watch_hours),
         )
-
-
-# ---------------------------------------------------------------- Navidrome's side
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ScanState:
-    token: str  # changes when a scan finished (or, on old schemas, when media_file changed)
-    in_progress: bool
-    last_scan_at: float | None
-    rows_read: int
-
-
-class NavidromeProbe:
-    """Read-only looks at Navidrome's database; synchronous (call it on a thread)."""
-
-    def __init__(self, db_path: str | os.PathLike[str]) -> None:
-        self.db_path = os.path.abspath(os.fspath(db_path))
-
-    _version_conn: sqlite3.Connection | None = None
-
-    def _data_version(self) -> int | None:
-        """``PRAGMA data_version`` on a connection kept open for it: it changes with every commit by
-        another connection (a stat() can miss a write within one timestamp tick after a WAL reset).
-        Autocommit and never inside a read, so it holds no WAL snapshot and delays no checkpoint."""
-        try:
-            if self._version_conn is None:
-                uri = "file:" + urllib.parse.quote(self.db_path) + "?mode=ro"
-                self._version_conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0, check_same_thread=False)
-            return int(self._version_conn.execute("PRAGMA data_version").fetchone()[0])
-        except sqlite3.Error:
-            self.close()
-            return None
-
-    def close(self) -> None:
-        conn, self._version_conn = self._version_conn, None
-        if conn is not None:
-            conn.close()
-
-    def signature(self) -> tuple:
-        """stat() of the database and its WAL plus data_version: equal signatures, nothing was written in between."""
-        out: list[Any] = [self._data_version() if os.path.exists(self.db_path + "-wal") else None]
-        for suffix in ("", "-wal"):
-            try:
-                st = os.stat(self.db_path + suffix)
-                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except FileNotFoundError:
-                out.append(None)
-        return tuple(out)
-
-    @contextlib.contextmanager
-    def _connect(self):
-        if not os.path.isfile(self.db_path):
-            raise EmbeddError(Code.UNAVAILABLE, f"Navidrome database {self.db_path} does not exist.")
-        uri = "file:" + urllib.parse.quote(self.db_path) + "?mode=ro"
-        if _quiescent_wal(self.db_path):
-            uri += "&immutable=1"
-        try:
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise EmbeddError(Code.UNAVAILABLE, f"Navidrome database {self.db_path} cannot be opened ({exc}).") from exc
-        try:
-            conn.execute("PRAGMA query_only = 1")
-            yield conn
-        except sqlite3.Error as exc:
-            raise EmbeddError(Code.UNAVAILABLE, f"Navidrome database {self.db_path} could not be read ({exc}).") from exc
-        finally:
-            conn.close()
-
-    @staticmethod
-    def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
-        return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-
-    def scan_state(self) -> ScanState:
-        with self._connect() as conn:
-            lib = self._columns(conn, "library")
-            if "last_scan_at" in lib:
-                started = "last_scan_started_at" if "last_scan_started_at" in lib else "NULL"
-                full = "full_scan_in_progress" if "full_scan_in_progress" in lib else "0"
-                rows = conn.execute(f"SELECT id, last_scan_at, {started}, {full} FROM library ORDER BY id").fetchall()
-                in_progress, last = False, None
-                for _, done_at, started_at, full_scan in rows:
-                    done, begun = parse_navidrome_time(done_at), parse_navidrome_time(started_at)
-                    if full_scan or (begun is not None and (done is None or begun > done)):
-                        in_progress = True
-                    if done is not None:
-                        last = max(last or done, done)
-                token = json.dumps([[r[0], str(r[1])] for r in rows])
-                return ScanState(token, in_progress, last, len(rows))
-            # Before Navidrome 0.52: no scan bookkeeping; the newest row and the newest change (index look-ups).
-            row = conn.execute("SELECT max(rowid), max(updated_at), (SELECT count(*) FROM media_file) FROM media_file").fetchone()
-            return ScanState(json.dumps([str(v) for v in row]), False, None, 3)
-
-    def page(self, after: str, limit: int) -> list[tuple[str, int, str, int, str, int]]:
-        """(id, library_id, path, size, updated_at, missing) of ``limit`` rows after ``after``, by id."""
-        with self._connect() as conn:
-            cols = self._columns(conn, "media_file")
-            lib = "library_id" if "library_id" in cols else "0"
-            missing = "missing" if "missing" in cols else "0"
-            return [
-                (str(r[0]), int(r[1] or 0), str(r[2] or ""), int(r[3] or 0), str(r[4] or ""), int(bool(r[5])))
-                for r in conn.execute(
-                    f"SELECT id, {lib}, path, size, updated_at, {missing} FROM media_file WHERE id > ? ORDER BY id LIMIT ?",
-                    (after, limit),
-                )
-            ]
-
-
-# ---------------------------------------------------------------- our side
-
-
-@dataclasses.dataclass(slots=True)
-class DiffStats:
-    added: int = 0
-    changed: int = 0
-    removed: int = 0
-    held: int = 0
-    rows_read: int = 0
-    baseline: bool = False
-
-    @property
-    def any(self) -> bool:
-        return bool(self.added or self.changed or self.removed or self.held)
-
-
-class Snapshot:
-    """The watcher's own SQLite file: the library as last seen, what is pending, what a job took."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        c = self._conn
-        c.execute("PRAGMA journal_mode = WAL")
-        c.execute("PRAGMA synchronous = NORMAL")
-        c.execute(
-            "CREATE TABLE IF NOT EXISTS snap (id TEXT PRIMARY KEY, lib INTEGER NOT NULL, path TEXT NOT NULL,"
-            " size INTEGER NOT NULL, updated_at TEXT NOT NULL, missing INTEGER NOT NULL) WITHOUT ROWID"
-        )
-        c.execute("CREATE TABLE IF NOT EXISTS pending (id TEXT PRIMARY KEY, kind TEXT NOT NULL) WITHOUT ROWID")
-        c.execute(
-            "CREATE TABLE IF NOT EXISTS taken (job_id TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL,"
-            " PRIMARY KEY (job_id, id)) WITHOUT ROWID"
-        )
-        c.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID")
-        # missing tracks whose vectors are kept (a mass-missing scan), until they are deleted or come back
-        c.execute("CREATE TABLE IF NOT EXISTS held (id TEXT PRIMARY KEY) WITHOUT ROWID")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def meta(self, key: str) -> str | None:
-        with self._lock:
-            row = self._conn.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def set_meta(self, key: str, value: str) -> None:
-        with self._lock:
-            self._conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))
-
-    def held_count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT count(*) FROM held").fetchone()[0])
-
-    def pending_counts(self) -> dict[str, int]:
-        with self._lock:
-            counts = dict(self._conn.execute("SELECT kind, count(*) FROM pending GROUP BY kind").fetchall())
-        return {k: int(counts.get(k, 0)) for k in _KINDS}
-
-    def diff(self, probe: NavidromeProbe, page: int = PAGE) -> DiffStats:
-        """Compare media_file with the snapshot page by page; record what changed as pending."""
-        stats = DiffStats(baseline=self.meta("baseline") is None)
-        newly_missing: list[str] = []
-        present = 0
-        after = ""
-        while True:
-            rows = probe.page(after, page)
-            stats.rows_read += len(rows)
-            last = rows[-1][0] if len(rows) == page else None
-            with self._lock:
-                sql = "SELECT id, lib, path, size, updated_at, missing FROM snap WHERE id > ?"
-                args: tuple = (after,)
-                if last is not None:
-                    sql, args = sql + " AND id <= ?", (after, last)
-                known = {r[0]: r for r in self._conn.execute(sql, args)}
-            upserts, pend = [], []
-            for row in rows:
-                tid, missing = row[0], row[5]
-                present += not missing
-                old = known.pop(tid, None)
-                if old == row:
-                    continue
-                upserts.append(row)
-                if old is None:
-                    if not missing:
-                        pend.append((tid, "added"))
-                elif missing and not old[5]:
-                    newly_missing.append(tid)
-                elif not missing:
-                    pend.append((tid, "changed"))  # changed in place, or back from missing
-            gone = list(known)  # in the snapshot, no longer in media_file: deleted
-            pend.extend((tid, "removed") for tid in gone)
-            with self._lock:
-                c = self._conn
-                c.execute("BEGIN IMMEDIATE")
-                c.executemany("INSERT OR REPLACE INTO snap (id, lib, path, size, updated_at, missing) VALUES (?, ?, ?, ?, ?, ?)", upserts)
-                c.executemany("DELETE FROM snap WHERE id = ?", ((t,) for t in gone))
-                c.executemany("DELETE FROM held WHERE id = ?", [(r[0],) for r in upserts if not r[5]] + [(t,) for t in gone])
-                if not stats.baseline:
-                    self._add_pending(pend)
-                c.execute("COMMIT")
-            if not stats.baseline:
-                for _, kind in pend:
-                    setattr(stats, kind, getattr(stats, kind) + 1)
-            if last is None:
-                break
-            after = last
-        if stats.baseline:
-            self.set_meta("baseline", str(time.time()))
-        elif newly_missing:
-            if len(newly_missing) >= MASS_MISSING_MIN and len(newly_missing) > MASS_MISSING_SHARE * (present + len(newly_missing)):
-                stats.held = len(newly_missing)
-                log.warning(
-                    "library watch: %d tracks were marked missing at once (an unmounted share?); their vectors are kept "
-                    "until Navidrome deletes the rows or the files come back", len(newly_missing),
-                )  # fmt: skip
-                with self._lock:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    self._conn.executemany("INSERT OR IGNORE INTO held (id) VALUES (?)", ((t,) for t in newly_missing))
-                    self._conn.execute("COMMIT")
-            else:
-                with self._lock:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    self._add_pending([(t, "removed") for t in newly_missing])
-                    self._conn.execute("COMMIT")
-                stats.removed += len(newly_missing)
-        return stats
-
-    def _add_pending(self, items: list[tuple[str, str]]) -> None:
-        # Added then changed stays "added"; anything else: the latest word.
-        self._conn.executemany(
-            "INSERT INTO pending (id, kind) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET kind ="
-            " CASE WHEN pending.kind = 'added' AND excluded.kind = 'changed' THEN 'added' ELSE excluded.kind END",
-            items,
-        )
-
-    def take(self, job_id: str) -> list[str]:
-        """Move every pending track to ``job_id``'s share; returns their ids."""
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            c.execute("INSERT OR REPLACE INTO taken (job_id, id, kind) SELECT ?, id, kind FROM pending", (job_id,))
-            c.execute("DELETE FROM pending")
-            ids = [r[0] for r in c.execute("SELECT id FROM taken WHERE job_id = ? ORDER BY id", (job_id,))]
-            c.execute("COMMIT")
-        return ids
-
-    def pending_ids(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._conn.execute("SELECT id FROM pending ORDER BY id")]
-
-    def taken_jobs(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._conn.execute("SELECT DISTINCT job_id FROM taken")]
-
-    def settle(self, job_id: str, *, give_back: bool) -> int:
-        """The job ended: forget its share, or (it failed) give its tracks back to pending."""
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            n = 0
-            if give_back:
-                rows = c.execute("SELECT id, kind FROM taken WHERE job_id = ?", (job_id,)).fetchall()
-                c.executemany("INSERT OR IGNORE INTO pending (id, kind) VALUES (?, ?)", rows)
-                n = len(rows)
-            c.execute("DELETE FROM taken WHERE job_id = ?", (job_id,))
-            c.execute("COMMIT")
-        return n
 
 
 # ---------------------------------------------------------------- the watcher
