@@ -230,28 +230,28 @@ def test_pause_resume_cancel_and_interactive_latency(root: Path, models):
 
 def test_sigkill_mid_job_resumes_by_itself_exactly_once(root: Path, models):
     lib = Library(root / "lib")
-    lib.add_good(120, rows_per_file=10, duration_s=2.0)
+    lib.add_good(60, rows_per_file=10, duration_s=2.0)
     lib.add_broken()
     d = BatchDaemon(root / "d", lib, models, extra=["--checkpoint-every", "7"])
     d.start()
     try:
         job = d.ok("batch_start")["job_id"]
-        before = d.wait_for(lambda p: p["processed_tracks"] >= 30)
+        before = d.wait_for(lambda p: p["processed_tracks"] >= 15)
         d.kill()
         d.start()
         p = d.progress()
         assert p["job_id"] == job and p["status"] == "running", p
-        assert p["processed_tracks"] <= before["processed_tracks"] + 40  # only checkpointed work survived
+        assert p["processed_tracks"] <= before["processed_tracks"] + 30  # only checkpointed work survived
         p = d.wait_final()
         assert p["status"] == "completed_with_errors", p
-        assert (p["processed_tracks"], p["failed_tracks"]) == (120, 6), p
+        assert (p["processed_tracks"], p["failed_tracks"]) == (60, 6), p
         assert d.ok("batch_failures")["total"] == 18
         dims = _dims(d)
     finally:
         d.stop()
     ids = stored_ids(_uri(d), dims)
     for model in MODELS:
-        assert len(ids[model]) == len(set(ids[model])) == 120, model
+        assert len(ids[model]) == len(set(ids[model])) == 60, model
 
 
 @pytest.mark.slow

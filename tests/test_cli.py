@@ -163,12 +163,62 @@ def test_socat_debug_script_refuses_what_it_cannot_send_in_one_line(tmp_path):
 
 
 def test_status_prints_the_library_watchers_pending_work_and_why_it_waits():
-    from embedd import cli
+    from embedd.cli.status import watch_line
 
     soon = time.time() + 120
-    line = cli._watch_line({"enabled": True, "pending": {"added": 3, "changed": 1, "removed": 0},
-                            "next_job_at": soon, "waiting": "quiet_period", "scan_in_progress": False})
+    line = watch_line({"enabled": True, "pending": {"added": 3, "changed": 1, "removed": 0},
+                        "next_job_at": soon, "waiting": "quiet_period", "scan_in_progress": False})
     assert line.startswith("3 added, 1 changed; next automatic job in 1")
     assert line.endswith("(waiting: quiet period)")
-    assert cli._watch_line({"enabled": True, "pending": {}, "waiting": None}) == "current"
-    assert cli._watch_line({"enabled": False}) == "not watched (watch = false)"
+    assert watch_line({"enabled": True, "pending": {}, "waiting": None}) == "current"
+    assert watch_line({"enabled": False}) == "not watched (watch = false)"
+
+
+def _ray_view(**over) -> dict:
+    """A hand-made ``cluster`` key of ``batch_progress`` (RayCluster.view with two workers' views)."""
+    def worker(name, state, host, device, done, failed, rate, **more):
+        return {"name": name, "state": state, "host": host, "device": device, "pid": 4242, "models": ["muq"],
+                "in_flight": 0, "tracks_done": done, "tracks_failed": failed, "tracks_per_hour": rate,
+                "restarts": 0, "last_error": None, **more}
+
+    return {"address": "ray://nas:10001", "state": "up", "error": None, "down_since": None, "fallback": "wait",
+            "workers": [worker("cpu-0", "ready", "vm", "cpu", 12, 0, 340.5),
+                        worker("gpu-0", "starting", "desk", "cuda", 0, 1, None, restarts=1, in_flight=2,
+                               last_error="RayActorError: the actor died unexpectedly")],
+            **over}  # fmt: skip
+
+
+def test_the_ray_cluster_and_its_workers_print_under_the_jobs_progress(capsys):
+    from embedd.cli.batch import print_progress
+    from embedd.cli.render import cluster_lines, render_progress
+    from embedd.cli.status import print_status
+
+    assert cluster_lines(_ray_view()) == [
+        "ray: ray://nas:10001 up",
+        "  cpu-0  ready     vm (cpu)  12 done, 0 failed, 340.5 tracks/h",
+        "  gpu-0  starting  desk (cuda)  0 done, 1 failed, ? tracks/h, 2 in flight, 1 restart",
+        "         last error: RayActorError: the actor died unexpectedly",
+    ]
+    down = _ray_view(state="down", error="ConnectionError: GCS unreachable", down_since=time.time() - 75, workers=[])
+    assert cluster_lines(down) == ["ray: ray://nas:10001 down: ConnectionError: GCS unreachable (for 1m15s; the job waits for it)"]
+    assert cluster_lines(_ray_view(state="closed", workers=[])) == ["ray: ray://nas:10001 closed"]
+
+    progress = {"job_id": "j1", "status": "running", "total_tracks": 10, "processed_tracks": 4, "failed_tracks": 1,
+                "skipped_tracks": 0, "progress_percent": 40.0, "rate_tracks_per_s": 0.1, "estimated_completion": None,
+                "current_track": "Kestrel - Hollow Oak", "cluster": _ray_view()}
+    print_progress(progress)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == render_progress(progress) and lines[1:] == cluster_lines(_ray_view())
+    # batch watch redraws one line: the cluster in a few words, before the track
+    assert render_progress(progress, cluster=True).endswith(" running | ray up, 1/2 workers ready | Kestrel - Hollow Oak")
+    # models in the daemon (cluster None): nothing more than before
+    print_progress({**progress, "cluster": None})
+    assert capsys.readouterr().out.splitlines() == [render_progress(progress)]
+    assert render_progress({**progress, "cluster": None}, cluster=True) == render_progress(progress)
+
+    status = {"version": "0", "device": "cpu", "milvus": {"uri": "m.db", "ok": True}, "queue": {"interactive": 0, "batch": 0},
+              "models": {}, "batch": {**progress, "job_id": None, "status": "idle", "cluster": down}}
+    print_status(status)
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("batch: no job has run")
+    assert out[at + 1] == cluster_lines(down)[0]

@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"embedd.ops", "embedd.metrics"},
     {"embedd.http", "embedd.http.*"},
     {"embedd.server", "embedd.server.*", "embedd.client"},
-    {"embedd.cli", "embedd.__main__"},
+    {"embedd.cli", "embedd.cli.*", "embedd.__main__"},
 ]
 
 #: A module over this many lines states in its docstring why it is long (a paragraph "Long because: ...").

@@ -38,7 +38,7 @@ async def commit_rebuilds(store: RetryingStore, jobs: JobStore, job: Job, handle
     failed: dict[str, list[str]] = {}
     offset = 0
     while True:
-        _, page = await asyncio.to_thread(jobs.failures, job_id, 1000, offset)
+        page = (await asyncio.to_thread(jobs.failure_page, job_id, 1000, offset)).failures
         if not page:
             break
         offset += len(page)

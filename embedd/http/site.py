@@ -1,6 +1,6 @@
 """The HTTP listener: an aiohttp application on the daemon's own event loop.
 
-:class:`HttpSite` is a site like the socket's (``embedd/server.py``): ``open``
+:class:`HttpSite` is a site like the socket's (``embedd/server/sites.py``): ``open``
 binds the listening socket before anything heavy starts, so a port in use
 stops the daemon at once with one line; ``start`` serves once the service is
 up; ``stop`` stops accepting, gives requests in flight the grace the server
