@@ -126,10 +126,9 @@ class RayCluster:
 
     async def _spawn(self) -> None:
         self._set_state("connecting")
-        env = dict(os.environ)
         self._proc = proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "embedd.cluster.bridge",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=2**16,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**16,
         )  # fmt: skip
         log.info("connecting to the Ray cluster at %s (bridge pid %d)", self.address, proc.pid)
         await write_message(proc.stdin, {"op": "start", "settings": self.settings})
@@ -160,7 +159,8 @@ class RayCluster:
             if not future.done():
                 future.set_result({"op": "lost"})
         self._pending.clear()
-        self.workers = [dict(w, state="dead", in_flight=0) for w in self.workers]
+        # The workers went with the bridge: at the job's end (closed) or with the cluster.
+        self.workers = [dict(w, state="dead" if self._open else "stopped", in_flight=0) for w in self.workers]
         if not self._open:
             return
         self.error, self.down_since = reason, time.time()
