@@ -24,7 +24,8 @@ import pytest
 from tests.batch_fixtures import BatchDaemon, Library, _with_store, stored_ids
 from tests.daemon import short_tmpdir
 
-pytest.importorskip("ray")
+if not Path(sys.executable).with_name("ray").exists():  # the test extra installs it: fail, never skip
+    raise RuntimeError("tests/test_ray.py needs Ray: scripts/bootstrap --test installs it (embedd[test])")
 
 MODELS = ["muq", "mert", "latent"]
 #: The same arithmetic on both paths: one window per forward pass and one torch thread (a CPU worker's
