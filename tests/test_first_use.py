@@ -172,3 +172,17 @@ def test_start_and_stop_leave_no_noise_in_the_log(job_daemon, tiny_models):
     claimed = sum(int(n) for n in re.findall(r"There appear to be (\d+) leaked semaphore", log))
     already_gone = len(re.findall(r"resource_tracker: '/mp-[^']+': \[Errno 2\] No such file or directory", log))
     assert claimed == already_gone, f"{claimed - already_gone} semaphore(s) leaked:\n{log[-3000:]}"
+
+
+def test_a_stalled_job_says_every_reason_and_each_source_clears_only_its_own():
+    """Milvus and the Ray cluster each stall a job on their own: Milvus coming back must not hide that
+    the job still waits for the cluster (and its log must not say the job goes on)."""
+    progress = Progress()
+    progress.wait("ray", "waiting for the Ray cluster at 10.0.0.2:6379")
+    progress.wait("milvus", "waiting for Milvus (3 s)")
+    assert progress.waiting == "waiting for the Ray cluster at 10.0.0.2:6379; waiting for Milvus (3 s)"
+    progress.wait("milvus", None)
+    assert progress.waiting == "waiting for the Ray cluster at 10.0.0.2:6379"
+    assert progress.waiting_for("ray") and not progress.waiting_for("milvus")
+    progress.wait("ray", None)
+    assert progress.waiting is None

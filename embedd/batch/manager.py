@@ -60,8 +60,7 @@ class BatchManager:
 
     # ---- lifecycle
     def _cluster_waiting(self, why: str | None) -> None:
-        self.progress.waiting = why
-        self.progress.bump()
+        self.progress.wait("ray", why)
 
     async def start_up(self, decoder: AudioDecoder) -> None:
         """Open the state file and pick up an interrupted job (running resumes, cancelling finishes)."""

@@ -55,12 +55,29 @@ class Progress:
         self.pass_index = 0
         self.passes = 1
         self.pass_seen = 0  # tracks this pass has dealt with (for multi-pass percent)
-        self.waiting: str | None = None  # why the job is stalled (Milvus, the Ray cluster), for the STATUS line
+        self._waiting: dict[str, str] = {}  # why the job is stalled, per source ("milvus", "ray")
         self.rekeyed = 0  # tracks whose vectors moved to a new id in this job (no model run)
         self._worked = 0
         self._window: collections.deque[tuple[float, int]] = collections.deque([(time.monotonic(), 0)])
 
     # ---- the run reports
+    @property
+    def waiting(self) -> str | None:
+        """Why the job is stalled now (each source's reason), or None."""
+        return "; ".join(self._waiting.values()) or None
+
+    def waiting_for(self, source: str) -> bool:
+        return source in self._waiting
+
+    def wait(self, source: str, why: str | None) -> None:
+        """``source`` (Milvus, the Ray cluster) stalls the job for ``why``, or no longer (None); one owner each."""
+        if why is None:
+            if self._waiting.pop(source, None) is None:
+                return
+        else:
+            self._waiting[source] = why
+        self.bump()
+
     def worked(self, n: int = 1) -> None:
         self._worked += n
         now = time.monotonic()

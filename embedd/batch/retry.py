@@ -64,17 +64,15 @@ class RetryingStore:
                     raise  # Milvus answers: the refusal is about the data (e.g. a collection of another dim)
                 waited = time.monotonic() - started
                 if waited >= limit:
-                    progress.waiting = None
+                    progress.wait("milvus", None)
                     raise JobFailed(f"gave up after {waited:.0f} s trying to {what}: {exc.message}") from exc
-                if progress.waiting is None:
+                if not progress.waiting_for("milvus"):
                     log.warning("batch job waits for Milvus: %s", exc.message)
-                progress.waiting = f"waiting for Milvus ({waited:.0f} s)"
-                progress.bump()
+                progress.wait("milvus", f"waiting for Milvus ({waited:.0f} s)")
                 await asyncio.sleep(min(delay, max(0.05, limit - waited)))
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
-            if progress.waiting is not None:
+            if progress.waiting_for("milvus"):
                 log.info("Milvus is back; the batch job goes on")
-                progress.waiting = None
-                progress.bump()
+                progress.wait("milvus", None)
             return result

@@ -211,7 +211,7 @@ class Run:
             if self.c.cluster is not None:
                 await self.c.cluster.close()
             self.progress.current_track = None
-            self.progress.waiting = None
+            self.progress.wait("milvus", None)
         if final is not None:
             status, error = final
             if status is JobStatus.FAILED:
