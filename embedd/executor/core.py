@@ -79,10 +79,7 @@ class Executor(StatusViews, Submitting, LaneThreads):
             self._registry.interrupt.set()
         with self._cond:
             self._stopping = True
-            dropped = [job for queue in self._queues.values() for job in queue]
-            for queue in self._queues.values():
-                queue.clear()
-            self._cond.notify_all()
+            dropped = self._take_queued()
         self._ready.set()
         for job in dropped:
             if not job.future.done():
@@ -90,6 +87,14 @@ class Executor(StatusViews, Submitting, LaneThreads):
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
+
+    def _take_queued(self) -> list[_Job]:
+        """Every queued job, the queues emptied and the threads woken; the caller holds ``_cond``."""
+        jobs = [job for queue in self._queues.values() for job in queue]
+        for queue in self._queues.values():
+            queue.clear()
+        self._cond.notify_all()
+        return jobs
 
     # -- the registry's pins (event loop side) ----------------------------------------
     def busy_reason(self, name: str) -> str | None:

@@ -305,10 +305,7 @@ class LaneThreads:
     def _fail_everything(self, message: str) -> None:
         with self._cond:
             self._failed = message
-            jobs = [job for queue in self._queues.values() for job in queue]
-            for queue in self._queues.values():
-                queue.clear()
-            self._cond.notify_all()
+            jobs = self._take_queued()
         self._ready.set()
         for job in jobs:
             self._resolve(job, exc=EmbeddError(Code.UNAVAILABLE, message))
