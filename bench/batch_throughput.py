@@ -69,7 +69,6 @@ async def _part1(root: Path, lib: Library, models: dict[str, str], rows: int, de
     from embedd.batch.run import DECODE_PREFETCH
     from embedd.executor import Lane
     from embedd.models import CATALOG
-    from embedd.protocol import BatchStartArgs
     from embedd.service import Service
 
     settings = _settings(root, lib, models, decode_workers, device)
@@ -121,7 +120,7 @@ async def _part1(root: Path, lib: Library, models: dict[str, str], rows: int, de
         # -- the batch job
         manager = service.batch
         t0 = time.perf_counter()
-        await manager._op_start(BatchStartArgs(models=list(selected)))
+        await manager.start_job(list(selected))
         first = last = None
         settled = 0
         while True:

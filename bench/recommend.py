@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from embedd.models import CATALOG  # noqa: E402
-from embedd.protocol import parse_request  # noqa: E402
+from embedd.ops import parse_request  # noqa: E402
 from embedd.recommend import recommend  # noqa: E402
 from embedd.store import TrackRow, VectorStore  # noqa: E402
 from embedd.store.index import VectorIndex  # noqa: E402

@@ -15,9 +15,10 @@ never a wait. Two bounds, both settings:
 A request past either bound is answered ``overloaded``, naming the bound,
 before any work is done: no decode started, no model or Milvus call queued.
 
-The operator's and status ops (``ping``, ``status``, ``unload``,
-``drop_legacy``, ``take_over``, every ``batch_*``) are never refused: they
-are cheap, or are the operator's way out of an overload.
+Which ops are admitted is each op's declaration (``Op(..., admitted=True)``
+in :mod:`embedd.ops`); the operator's and status ops (``ping``, ``status``,
+``unload``, ``drop_legacy``, ``take_over``, every ``batch_*``) are never
+refused: they are cheap, or are the operator's way out of an overload.
 
 It sits where every request goes through: :meth:`Admission.wrap` wraps the op
 table of :func:`embedd.ops.build_handlers` once (like
@@ -37,16 +38,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from embedd.errors import Code, EmbeddError
-from embedd.protocol import OP_SCHEMAS, Handler
+from embedd.protocol import Handler
 
-__all__ = ["EXEMPT_OPS", "Admission", "held_bytes"]
+__all__ = ["Admission", "held_bytes"]
 
 MiB = 1024 * 1024
-
-#: Ops never refused: status and liveness, and the operator's commands.
-EXEMPT_OPS = frozenset({"ping", "status", "unload", "drop_legacy", "take_over"}) | frozenset(
-    op for op in OP_SCHEMAS if op.startswith("batch_")
-)
 
 #: Set while a task runs under a permit: the ops it runs are part of the admitted request.
 _admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("embedd_admitted", default=False)
@@ -131,9 +127,9 @@ class Admission:
 
     # -- the op table ------------------------------------------------------------------
     def wrap(self, handlers: dict[str, Handler]) -> dict[str, Handler]:
-        """The same op table, each op that does work admitted first (exempt ops as they are)."""
+        """The same op table, each admitted op (``Handler.admitted``) taking a permit first; the others as they are."""
         return {
-            op: h if op in EXEMPT_OPS else dataclasses.replace(h, fn=self._wrap(op, h))
+            op: dataclasses.replace(h, fn=self._wrap(op, h)) if h.admitted else h
             for op, h in handlers.items()
         }
 

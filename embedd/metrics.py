@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 from embedd.errors import EmbeddError
 from embedd.models import MODEL_NAMES
-from embedd.protocol import OP_SCHEMAS, Handler
+from embedd.ops import SCHEMAS
+from embedd.protocol import Handler
 
 __all__ = ["Metrics", "outcome_code"]
 
@@ -82,7 +83,7 @@ class Metrics:
 
     def rejected(self, op: object, code: str) -> None:
         """A request refused before its handler ran; unknown op names all count as 'unknown'."""
-        key = (op if isinstance(op, str) and op in OP_SCHEMAS else "unknown", code)
+        key = (op if isinstance(op, str) and op in SCHEMAS else "unknown", code)
         self._counts[key] = self._counts.get(key, 0) + 1
 
     def instrument(self, handlers: dict[str, Handler]) -> dict[str, Handler]:

@@ -70,7 +70,7 @@ class Daemon:
             env=self.environment(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=popen.pop("cwd", REPO),
             **popen,
         )
         if wait:

@@ -16,10 +16,13 @@ import shutil
 import aiohttp
 import pytest
 
-from embedd.admission import EXEMPT_OPS, Admission, held_bytes
+from embedd.admission import Admission, held_bytes
 from embedd.client import Client
 from embedd.errors import Code, EmbeddError
-from embedd.protocol import OP_SCHEMAS, EmbedFileArgs, Handler, NoArgs, SearchArgs
+from embedd.ops import OPS
+from embedd.ops.embed_file import EmbedFileArgs
+from embedd.ops.search import SearchArgs
+from embedd.protocol import Handler, NoArgs
 from embedd.server import Server
 from embedd.settings import build_settings
 
@@ -43,8 +46,8 @@ def _table(started: list[str], release: asyncio.Event) -> dict[str, Handler]:
         return {"cheap": True}
 
     return {
-        "embed_file": Handler(work),
-        "search": Handler(work),
+        "embed_file": Handler(work, admitted=True),
+        "search": Handler(work, admitted=True),
         "status": Handler(cheap),
         "batch_progress": Handler(cheap),
         "ping": Handler(lambda args: {"pong": True}, inline=True),
@@ -109,7 +112,7 @@ async def test_a_permit_is_given_back_when_the_request_fails_or_is_cancelled() -
     async def waits(args):
         await gate.wait()
 
-    ops = admission.wrap({"search": Handler(fails), "embed_text": Handler(waits)})
+    ops = admission.wrap({"search": Handler(fails, admitted=True), "embed_text": Handler(waits, admitted=True)})
     with pytest.raises(EmbeddError):
         await ops["search"].fn(SearchArgs(model="muq", track_id="t"))
     task = asyncio.ensure_future(ops["embed_text"].fn(NoArgs()))
@@ -129,7 +132,7 @@ async def test_ops_run_inside_a_held_route_take_no_permit_of_their_own() -> None
         calls.append(args.track_id)
         return {}
 
-    ops = admission.wrap({"search": Handler(search)})
+    ops = admission.wrap({"search": Handler(search, admitted=True)})
     with admission.hold("similar_artists"):  # the route's one permit: the limit is reached
         await asyncio.gather(*(ops["search"].fn(SearchArgs(model="muq", track_id=f"t{i}")) for i in range(3)))
         another_request = asyncio.create_task(
@@ -142,9 +145,9 @@ async def test_ops_run_inside_a_held_route_take_no_permit_of_their_own() -> None
 
 
 def test_exempt_ops_are_the_cheap_and_the_operators() -> None:
-    assert {"ping", "status", "batch_progress", "batch_cancel", "batch_watch", "unload"} <= EXEMPT_OPS
-    assert {"embed_file", "embed_text", "search", "recommend"}.isdisjoint(EXEMPT_OPS)
-    assert EXEMPT_OPS <= set(OP_SCHEMAS)
+    exempt = {name for name, op in OPS.items() if not op.admitted}
+    assert {"ping", "status", "batch_progress", "batch_cancel", "batch_watch", "unload"} <= exempt
+    assert {name for name, op in OPS.items() if op.admitted} == {"embed_file", "embed_text", "search", "recommend"}
     assert held_bytes(EmbedFileArgs(data=b"abc", filename="a.mp3")) == 3 and held_bytes(NoArgs()) == 0
 
 
@@ -243,7 +246,7 @@ async def test_the_refusal_quoted_in_the_operations_guide_is_the_codes_own() -> 
 
     admission = Admission(max_requests=64, max_bytes=256 * MiB)
     admission.in_flight = 64  # as if 64 requests were in progress
-    ops = admission.wrap({"search": Handler(lambda args: None)})
+    ops = admission.wrap({"search": Handler(lambda args: None, admitted=True)})
     with pytest.raises(EmbeddError) as err:
         await ops["search"].fn(SearchArgs(model="muq", track_id="t"))
     guide = (REPO / "docs" / "operations.md").read_text()

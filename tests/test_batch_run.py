@@ -27,7 +27,9 @@ import pytest
 from embedd.batch.job import JobStatus
 from embedd.batch.state import JobStore
 from embedd.executor import Lane
-from embedd.protocol import BatchFailuresArgs, BatchStartArgs, NoArgs
+from embedd.ops import OPS, build_handlers
+from embedd.ops.batch import BatchFailuresArgs, BatchStartArgs
+from embedd.protocol import NoArgs
 from embedd.service import Service
 from embedd.settings import Settings
 
@@ -48,7 +50,7 @@ class Daemon:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.batch = service.batch
-        self.ops = service.batch.handlers()
+        self.ops = build_handlers(service, {name: op for name, op in OPS.items() if name.startswith("batch_")})
         self._seconds_at_start = 0.0
 
     async def op(self, name: str, args: Any = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from embedd.models import CATALOG, DEFAULT_JOB_MODELS, ENTRY_POINT_GROUP, TEXT_MODELS, _catalogue
-from embedd.protocol import parse_request
+from embedd.ops import parse_request
 from embedd.settings import Settings, source_field
 from tests.batch_fixtures import BatchDaemon, Library, write_audio
 from tests.daemon import REPO, short_tmpdir

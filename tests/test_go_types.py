@@ -370,3 +370,57 @@ def test_cluster_status_matches_go(tmp_path):
     assert not checker.errors, checker.errors
     assert set(view) == set(GO_STRUCTS["ClusterStatus"])
     assert set(view["workers"][0]) == set(GO_STRUCTS["ClusterWorker"])
+
+
+# ---------------------------------------------------------------------------
+# the daemon's response Structs against the Go structs, with no daemon
+# ---------------------------------------------------------------------------
+
+
+def _struct_keys_match(py: type, go: str, path: str, errors: list[str]) -> None:
+    """The Struct's keys are the Go struct's tags; nested Structs against the Go field's struct type."""
+    from msgspec import inspect as mi
+
+    fields = {f.encode_name: f for f in mi.type_info(py).fields}
+    go_fields = GO_STRUCTS[go]
+    for key in sorted(set(fields) - set(go_fields)):
+        errors.append(f"{path}: the daemon's {py.__name__} sends {key!r}, Go's {go} has no field for it")
+    for key in sorted(set(go_fields) - set(fields)):
+        errors.append(f"{path}: Go's {go} has {key!r}, the daemon's {py.__name__} never sends it")
+    for key in sorted(set(fields) & set(go_fields)):
+        inner = _struct_in(fields[key].type)
+        go_type = re.sub(r"^(\*|\[\]|map\[string\])+", "", go_fields[key].type)
+        if inner is not None and go_type in GO_STRUCTS:
+            _struct_keys_match(inner, go_type, f"{path}.{key}", errors)
+
+
+def _struct_in(t: Any) -> type | None:
+    from msgspec import inspect as mi
+
+    if isinstance(t, mi.StructType):
+        return t.cls
+    for attr in ("types", "item_type", "value_type"):
+        inner = getattr(t, attr, None)
+        for x in inner if isinstance(inner, tuple) else (inner,) if inner is not None else ():
+            found = _struct_in(x)
+            if found is not None:
+                return found
+    return None
+
+
+def test_the_go_structs_hold_exactly_the_keys_of_the_response_structs():
+    """Every op the Go client decodes: its Go struct's tags are the op's response Struct's keys, nested too."""
+    from embedd.ops import OPS as TABLE
+
+    errors: list[str] = []
+    for op, go in sorted(OPS.items()):
+        _struct_keys_match(TABLE[op].result, go, op, errors)
+    assert not errors, "\n".join(errors)
+
+
+def test_the_go_op_list_is_the_op_table():
+    from embedd.ops import OPS as TABLE
+    from embedd.ops.reference import go_source
+
+    assert (GO_DIR / "ops_gen.go").read_text() == go_source(), "run: python -m embedd.ops.reference --write"
+    assert set(OPS) <= set(TABLE)  # every op the Go client decodes is served

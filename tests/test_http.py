@@ -30,7 +30,7 @@ from embedd.errors import EmbeddError
 from embedd.http import params
 from embedd.address import HttpAddress, parse_http_address
 from embedd.http.legacy import legacy_progress
-from embedd.protocol import OP_SCHEMAS
+from embedd.ops import SCHEMAS as OP_SCHEMAS
 from tests.batch_fixtures import BatchDaemon, Library
 from tests.daemon import REPO, Daemon, short_tmpdir
 from tests.http_fixtures import free_port, metric_samples, wait_http

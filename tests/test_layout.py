@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"embedd.audio", "embedd.audio.*", "embedd.embedding", "embedd.library", "embedd.library.*", "embedd.store", "embedd.store.*", "embedd.executor", "embedd.executor.*"},
     {"embedd.batch", "embedd.batch.*", "embedd.cluster", "embedd.cluster.*"},
     {"embedd.service", "embedd.recommend", "embedd.recommend.*", "embedd.takeover"},
-    {"embedd.ops", "embedd.metrics"},
+    {"embedd.ops", "embedd.ops.*", "embedd.metrics"},
     {"embedd.http", "embedd.http.*"},
     {"embedd.server", "embedd.server.*", "embedd.client"},
     {"embedd.cli", "embedd.cli.*", "embedd.__main__"},

@@ -11,15 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedd.errors import Code, EmbeddError
+from embedd.ops import SCHEMAS as OP_SCHEMAS
+from embedd.ops import parse_request
 from embedd.protocol import (
-    OP_SCHEMAS,
     FrameDecoder,
     Request,
     decode_body,
     decode_vector,
     encode_frame,
     encode_vector,
-    parse_request,
 )
 
 MAX = 4096

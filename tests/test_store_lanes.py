@@ -273,8 +273,7 @@ async def test_reads_follow_what_the_write_lane_changed(io: StoreIO) -> None:
 async def test_search_op_and_similarity_reads_use_the_read_lane(io: StoreIO) -> None:
     """``search`` (the op behind similar_tracks) and find_path's stored vectors are answered while a write is held."""
     from embedd.http.similarity import _vectors
-    from embedd.ops import _search
-    from embedd.protocol import SearchArgs
+    from embedd.ops.search import SearchArgs, search
 
     await _fill(io)
 
@@ -285,8 +284,8 @@ async def test_search_op_and_similarity_reads_use_the_read_lane(io: StoreIO) -> 
     service = types.SimpleNamespace(executor=executor, store_io=io)
     write, release = await _hold_write(io)
     try:
-        found = await _search(service, SearchArgs(model="muq", track_id="t3", limit=3))  # type: ignore[arg-type]
-        assert found["hits"][0]["track_id"] == "t3"
+        found = await search(service, SearchArgs(model="muq", track_id="t3", limit=3))  # type: ignore[arg-type]
+        assert found.hits[0].track_id == "t3"
         vectors = await _vectors(types.SimpleNamespace(service=service), "muq", ["t1", "t2", "nope"])  # type: ignore[arg-type]
         assert sorted(vectors) == ["t1", "t2"]
         assert not write.done()

@@ -1,6 +1,7 @@
 """The daemon's batch job: at most one active job, its lifecycle and its ops.
 
-The manager answers ``batch_*`` requests, starts a :class:`~embedd.batch.run.Run`
+The manager does what the ``batch_*`` ops ask (:mod:`embedd.ops.batch` is
+their wire face), starts a :class:`~embedd.batch.run.Run`
 for the active job (at ``batch_start``, ``batch_resume``, or at start-up for a
 job a crash or a shutdown interrupted), and hands the progress view its job.
 What a run does lives in :mod:`embedd.batch.run`; the plan of an incremental
@@ -23,7 +24,6 @@ from embedd.cluster.client import RayCluster
 from embedd.errors import Code, EmbeddError, Misuse
 from embedd.executor import Executor
 from embedd.library import NavidromeLibrary, parse_shard, require_library
-from embedd.protocol import BatchFailuresArgs, BatchStartArgs, BatchWatchArgs, Handler, NoArgs
 from embedd.settings import Settings
 from embedd.store.io import StoreIO
 
@@ -119,18 +119,8 @@ class BatchManager:
     def status_line(self) -> str:
         return self.progress.status_line()
 
-    def handlers(self) -> dict[str, Handler]:
-        return {
-            "batch_start": Handler(self._op_start),
-            "batch_progress": Handler(lambda _args: self._progress_with_watch(), inline=True),
-            "batch_watch": Handler(self._op_watch, streaming=True),
-            "batch_cancel": Handler(self._op_cancel),
-            "batch_pause": Handler(self._op_pause),
-            "batch_resume": Handler(self._op_resume),
-            "batch_failures": Handler(self._op_failures),
-        }
-
-    def _progress_with_watch(self) -> dict[str, Any]:
+    def progress_with_watch(self) -> dict[str, Any]:
+        """The progress view with the library watcher's (what ``batch_progress`` answers)."""
         view = self.progress.view()
         if self.watch_view is not None:
             view["library_watch"] = self.watch_view()
@@ -180,12 +170,13 @@ class BatchManager:
             )
         return self._jobs
 
-    async def _op_start(self, args: BatchStartArgs) -> dict[str, Any]:
+    async def start_job(self, models: Sequence[str], *, clear_existing: bool = False, shard: str | None = None) -> dict[str, Any]:
+        """``batch_start``: a new job over the library (or one shard of it); ``busy`` while one is active."""
         async with self._op_lock:
             jobs = self._require_jobs()
             library = require_library(self.library)
-            shard = parse_shard(args.shard) if args.shard is not None else None
-            if args.clear_existing and shard is not None and shard.count > 1:
+            shard = parse_shard(shard) if shard is not None else None
+            if clear_existing and shard is not None and shard.count > 1:
                 # A rebuild switches the whole collection at once; one shard's switch
                 # would hide (and drop) every other shard's vectors.
                 raise EmbeddError(
@@ -199,8 +190,8 @@ class BatchManager:
             total = await library.count(shard)
             job = await asyncio.to_thread(
                 jobs.create_job,
-                models=list(args.models),
-                clear_existing=args.clear_existing,
+                models=list(models),
+                clear_existing=clear_existing,
                 shard=str(shard) if shard is not None else None,
                 total_tracks=total,
             )
@@ -214,10 +205,12 @@ class BatchManager:
             self.progress.bump()
             return {"job_id": job.job_id, "total_tracks": total}
 
-    def _op_watch(self, args: BatchWatchArgs) -> AsyncIterator[tuple[dict[str, Any], bool]]:
-        return self.progress.watch(args.interval_s)
+    def watch(self, interval_s: float) -> AsyncIterator[tuple[dict[str, Any], bool]]:
+        """``batch_watch``: the progress view at every change, at most every ``interval_s``."""
+        return self.progress.watch(interval_s)
 
-    async def _op_cancel(self, _args: NoArgs) -> dict[str, Any]:
+    async def cancel(self) -> dict[str, Any]:
+        """``batch_cancel``: the running or paused job stops; its rebuild is dropped."""
         async with self._op_lock:
             jobs = self._require_jobs()
             job = self.progress.job
@@ -233,7 +226,8 @@ class BatchManager:
                 self._spawn(self._finish_cancel(self.progress.job))
             return {"status": JobStatus.CANCELLING.value}
 
-    async def _op_pause(self, _args: NoArgs) -> dict[str, Any]:
+    async def pause(self) -> dict[str, Any]:
+        """``batch_pause``: the running job finishes its tracks in flight and waits; answers once it has."""
         async with self._op_lock:
             jobs = self._require_jobs()
             job = self.progress.job
@@ -253,7 +247,8 @@ class BatchManager:
             await asyncio.wait({task})
         return self.progress.view()
 
-    async def _op_resume(self, _args: NoArgs) -> dict[str, Any]:
+    async def resume(self) -> dict[str, Any]:
+        """``batch_resume``: the paused job goes on."""
         async with self._op_lock:
             jobs = self._require_jobs()
             job = self.progress.job
@@ -268,16 +263,17 @@ class BatchManager:
                 self._launch(job)
             return self.progress.view()
 
-    async def _op_failures(self, args: BatchFailuresArgs) -> dict[str, Any]:
+    async def failures(self, limit: int, offset: int) -> dict[str, Any]:
+        """``batch_failures``: one page of the latest job's failed (track, model) pairs."""
         jobs = self._require_jobs()
         job = self.progress.job
         if job is None:
             return {"total": 0, "tracks": 0, "failures": []}
         run = self._run
         if run is not None and run.job.job_id == job.job_id:  # with those waiting for the next checkpoint
-            page = await asyncio.to_thread(run.checkpoints.failure_page, args.limit, args.offset)
+            page = await asyncio.to_thread(run.checkpoints.failure_page, limit, offset)
         else:
-            page = await asyncio.to_thread(jobs.failure_page, job.job_id, args.limit, args.offset)
+            page = await asyncio.to_thread(jobs.failure_page, job.job_id, limit, offset)
         return page.to_wire()
 
     # ---- internals

@@ -17,7 +17,8 @@ from typing import Any
 from embedd.admission import Admission
 from embedd.errors import EmbeddError, Misuse
 from embedd.metrics import Metrics
-from embedd.protocol import Handler, Request, parse_request
+from embedd.ops import parse_request
+from embedd.protocol import Handler, Request
 from embedd.service import Service
 from embedd.settings import Settings
 

@@ -21,7 +21,8 @@ from embedd.http.context import HttpContext
 from embedd.http.responses import decode_object, error_response, json_response
 from embedd.metrics import outcome_code
 from embedd.models import CATALOG
-from embedd.protocol import RecommendArgs, RecommendSeed, encode_vector
+from embedd.ops.recommend import RecommendArgs, RecommendSeed
+from embedd.protocol import encode_vector
 from embedd.recommend import bridged_text_vector
 
 __all__ = ["fork_request", "legacy_progress", "routes"]

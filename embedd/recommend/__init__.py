@@ -42,7 +42,7 @@ The package, by concern:
   vectors and neighbour lists: per-model scores, negative-prompt penalty,
   merge, dislikes and libraries, MMR diversity, the bridge's weights);
 - :mod:`embedd.recommend.seeds`: the request's seeds resolved to queries (the
-  request's shape and validation are :class:`embedd.protocol.RecommendArgs`);
+  request's shape and validation are :class:`embedd.ops.recommend.RecommendArgs`);
 - :mod:`embedd.recommend.space`: where one model's vectors are compared, the
   in-memory index or Milvus;
 - :mod:`embedd.recommend.engine`: the I/O, :func:`recommend` and

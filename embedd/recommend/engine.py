@@ -17,7 +17,7 @@ import numpy as np
 
 from embedd.errors import Code, EmbeddError
 from embedd.models import CATALOG
-from embedd.protocol import RecommendArgs, decode_vector
+from embedd.protocol import decode_vector
 from embedd.recommend.ranking import (
     BRIDGE_TRACKS,
     NEGATIVE_POOL,
@@ -38,6 +38,7 @@ from embedd.recommend.seeds import resolve_seeds
 from embedd.recommend.space import Space, kick_indexes, model_spaces
 
 if TYPE_CHECKING:
+    from embedd.ops.recommend import RecommendArgs
     from embedd.service import Service
     from embedd.store import VectorStore
 

@@ -15,7 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from embedd.protocol import DEFAULT_MODEL_PRIORITIES
+#: Which model wins a tie under the ``priority`` strategy (lower first), unless the request says otherwise.
+DEFAULT_MODEL_PRIORITIES = {"muq": 1, "mert": 2, "latent": 3}
+
 
 __all__ = [
     "BRIDGE_TRACKS",

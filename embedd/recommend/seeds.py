@@ -1,7 +1,7 @@
 """A recommend request's seeds, resolved to what each model searches with.
 
-Owns the step from the request's seeds (:class:`embedd.protocol.RecommendArgs`,
-whose shape and validation live in :mod:`embedd.protocol` for every face: the
+Owns the step from the request's seeds (:class:`embedd.ops.recommend.RecommendArgs`,
+whose shape and validation live in :mod:`embedd.ops.recommend` for every face: the
 ``recommend`` op, ``/v1/recommend``, the fork's ``/playlist/{mode}``) to
 :class:`Query` objects: track seeds deduplicated (the highest weight wins),
 vectors decoded, texts set aside for MuQ-MuLan. No I/O: the texts are embedded
@@ -11,10 +11,14 @@ and the stored vectors fetched by :mod:`embedd.recommend.engine`.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedd.protocol import RecommendArgs, decode_vector
+from embedd.protocol import decode_vector
+
+if TYPE_CHECKING:
+    from embedd.ops.recommend import RecommendArgs
 
 __all__ = ["Query", "resolve_seeds", "seed_reason"]
 

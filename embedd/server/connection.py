@@ -25,13 +25,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from embedd.errors import Code, EmbeddError
+from embedd.ops import parse_request
 from embedd.protocol import (
     FrameDecoder,
     Handler,
     decode_body,
     encode_frame,
     error_response,
-    parse_request,
     request_id,
     success_response,
 )

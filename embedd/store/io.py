@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from embedd.errors import EmbeddError
-from embedd.store.layout import Layout
+from embedd.store.layout import Layout, TrackRow
 from embedd.store.vector_store import VectorStore
 
 __all__ = ["StoreIO"]
@@ -195,6 +195,16 @@ class StoreIO:
         result = await self._write.run(self._writing, fn)
         self._ok_at = time.monotonic()  # any answer from Milvus says it is up
         return result
+
+    async def upsert_rows(self, rows: Mapping[str, TrackRow]) -> None:
+        """Write one track's row per model (write lane), each model's collection prepared for its row first."""
+
+        def write(store: VectorStore) -> None:
+            for model, row in rows.items():
+                self.prepare(store, model, int(row.vector.shape[-1]))
+                store.upsert(model, [row])
+
+        await self.call(write)
 
     async def read(self, fn: Callable[[VectorStore], T], *, background: bool = False) -> T:
         """Run a read-only ``fn(store)`` (search, fetch of stored vectors) on the read lane: never queued behind writes.
