@@ -1,9 +1,10 @@
-"""Protocol v1 on the wire: frames, request schemas, responses, vectors.
+"""Protocol v1 on the wire: frames, the request envelope, responses, vectors.
 
 Everything a client can get wrong about the *shape* of a request is decided
-here, in one place, so a handler receives valid, typed arguments or never runs.
-What the arguments *mean* (does the file exist, is the model loaded) is the
-handlers' business.
+by :func:`parse_request`, in one place, against the op's own ``Args`` Struct
+(declared beside the op in :mod:`embedd.ops`), so an op receives valid, typed
+arguments or never runs. What the arguments *mean* (does the file exist, is
+the model loaded) is the op's business.
 
 Frames are a 4-byte big-endian length and one msgpack map. The decoder checks
 the length before it buffers a single byte of the body, so a hostile length

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import faulthandler
+import os
 import shutil
+import sys
+import threading
 
 import pytest
 
@@ -71,3 +75,43 @@ def real_models(tiny_models) -> dict[str, str]:
         _build_mert(mert, PRESETS["full"], 8)
         stamp.write_text("ok")
     return {**tiny_models, "tiny_mert": tiny_models["mert"], "latent": str(latent), "mert": str(mert)}
+
+
+#: How long the test process may take to exit once the session has ended (atexit handlers, threads).
+EXIT_GRACE_S = 180.0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A watchdog on the process's own exit, so that a stuck exit can never hold CI until its deadline.
+
+    Past :data:`EXIT_GRACE_S` after the session it prints every thread's stack
+    and the processes still left beside it (what held the exit), then leaves
+    with the session's status: the test results stand, and the log says what
+    hung.
+    """
+
+    def give_up() -> None:
+        print(f"\ntests: the process has not exited {EXIT_GRACE_S:.0f} s after the session ended; "
+              "its threads, then its child processes:", file=sys.stderr, flush=True)  # fmt: skip
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        for pid in _children(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read().replace(b"\0", b" ").decode(errors="replace")
+                print(f"  {pid}: {command[:200]}", file=sys.stderr)
+            except OSError:
+                pass
+        sys.stderr.flush()
+        os._exit(int(exitstatus))
+
+    watchdog = threading.Timer(EXIT_GRACE_S, give_up)
+    watchdog.daemon = True  # runs while the interpreter waits for other threads and atexit handlers
+    watchdog.start()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []

@@ -468,6 +468,25 @@ async def test_every_bad_input_is_a_4xx_json_error(batch_run, daemon, library):
 
 
 async def test_cancel_a_running_rebuild_watched_over_http(batch_run, daemon, library):
+    """A rebuild of the shared daemon, cancelled; whatever happens, the daemon is left with no job running
+    (the tests after this one search its vectors)."""
+    try:
+        await _cancel_a_running_rebuild(daemon, library)
+    finally:
+        await _no_job_running(daemon)
+
+
+async def _no_job_running(daemon) -> None:
+    """Cancel the shared daemon's job if one is active, and wait (on batch_watch) until it has ended."""
+    status, progress = await get(daemon.url + "/batch/progress")
+    if progress["status"] in ("running", "paused", "cancelling"):
+        await post(daemon.url + "/batch/cancel")
+        async with aiohttp.ClientSession() as s, s.post(daemon.url + "/v1/batch_watch", data=b"{}") as r:
+            async for _line in r.content:
+                pass  # the stream ends with the job
+
+
+async def _cancel_a_running_rebuild(daemon, library) -> None:
     status, started = await post(daemon.url + "/batch/start", {"clearExisting": True})  # all three models
     assert status == 200 and started["status"] == "started"
     async with aiohttp.ClientSession() as s, s.post(daemon.url + "/v1/batch_watch", data=b'{"interval_s": 0.05}') as r:

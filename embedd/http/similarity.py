@@ -7,7 +7,8 @@ the same shapes, so that plugin works against embedd unchanged. Every
 neighbour search is the ``search`` op itself (run through the raw op table:
 the route is counted once, under its own name, and admitted once: one
 permit of :mod:`embedd.admission` for the whole route); only ``find_path``
-reads stored vectors directly, to walk between two of them.
+reads stored vectors (through the store's owner, :meth:`StoreIO.stored_vectors`), to walk
+between two of them.
 
 Distances are ``1 - cosine similarity`` (AudioMuse-AI's convention), best first.
 """
@@ -230,17 +231,7 @@ async def _vectors(ctx: HttpContext, model: str, track_ids: list[str]) -> dict[s
     await service.executor.described()
     dim = service.executor.model_dim(model)
 
-    def read(store) -> dict[str, np.ndarray]:
-        # any_dim: the same collection a search by stored track reads (see StoreIO.prepare).
-        service.store_io.prepare(store, model, dim, any_dim=True)
-        found = {}
-        for tid in track_ids:
-            vector = store.get_vector(model, tid)
-            if vector is not None:
-                found[tid] = vector
-        return found
-
-    return await service.store_io.read(read) if track_ids else {}
+    return await service.store_io.stored_vectors(model, dim, track_ids)
 
 
 async def _describe(ctx: HttpContext, model: str, track_id: str, vector: np.ndarray) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
-import numpy as np
 
 from embedd.errors import Code, EmbeddError
 from embedd.executor import Lane
@@ -62,24 +61,10 @@ async def search(service: Service, args: SearchArgs) -> SearchResult:
         query = decode_vector(args.vector)
     else:
         query = None
-    # The collection is prepared for the model's own dim; a query vector of another
-    # length is then the client's mistake (bad_request from the store), not a new collection.
     dim = service.executor.model_dim(model)
-    track_id = args.track_id
-    exclude = list(args.exclude_track_ids)
-
-    def run(store) -> list:
-        service.store_io.prepare(store, model, dim, any_dim=query is None)
-        vector = query
-        if vector is None:
-            vector = store.get_vector(model, track_id)
-            if vector is None:
-                raise EmbeddError(
-                    Code.NOT_FOUND, f"track {track_id!r} has no stored vector in {CATALOG[model].collection!r}"
-                )
-        return store.search(model, np.asarray(vector, dtype=np.float32), args.limit, exclude)
-
-    hits = await service.store_io.read(run)
+    hits = await service.store_io.search(
+        model, dim, vector=query, track_id=args.track_id, limit=args.limit, exclude=args.exclude_track_ids
+    )
     return SearchResult(
         hits=[
             Hit(track_id=h.track_id, score=float(h.score), path=h.path, title=h.title, artist=h.artist, album=h.album)

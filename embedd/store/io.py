@@ -49,11 +49,13 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from embedd.errors import EmbeddError
-from embedd.store.layout import Layout, TrackRow
+import numpy as np
+
+from embedd.errors import Code, EmbeddError
+from embedd.store.layout import Hit, Layout, TrackRow
 from embedd.store.vector_store import VectorStore
 
 __all__ = ["StoreIO"]
@@ -196,6 +198,8 @@ class StoreIO:
         self._ok_at = time.monotonic()  # any answer from Milvus says it is up
         return result
 
+    # -- vectors in and out: the one place a request stores or reads them, each collection prepared first
+
     async def upsert_rows(self, rows: Mapping[str, TrackRow]) -> None:
         """Write one track's row per model (write lane), each model's collection prepared for its row first."""
 
@@ -205,6 +209,41 @@ class StoreIO:
                 store.upsert(model, [row])
 
         await self.call(write)
+
+    async def stored_vectors(self, model: str, dim: int, track_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of those tracks that have one (read lane; the live set, whatever its width)."""
+        if not track_ids:
+            return {}
+
+        def read(store: VectorStore) -> dict[str, np.ndarray]:
+            # any_dim: the same collection a search by stored track reads.
+            self.prepare(store, model, dim, any_dim=True)
+            return store.get_vectors(model, track_ids)
+
+        return await self.read(read)
+
+    async def search(
+        self, model: str, dim: int, *, vector: np.ndarray | None = None, track_id: str | None = None,
+        limit: int, exclude: Sequence[str] = (),
+    ) -> list[Hit]:  # fmt: skip
+        """The nearest stored tracks to ``vector``, or to ``track_id``'s stored vector (read lane).
+
+        The collection is prepared for the model's own ``dim``: a query vector of
+        another length is then the client's mistake (bad_request from the
+        store), not a new collection. A ``track_id`` without a stored vector is
+        ``not_found``.
+        """
+
+        def run(store: VectorStore) -> list[Hit]:
+            self.prepare(store, model, dim, any_dim=vector is None)
+            query = vector if vector is not None else store.get_vector(model, track_id or "")
+            if query is None:
+                raise EmbeddError(
+                    Code.NOT_FOUND, f"track {track_id!r} has no stored vector in {self.publics[model]!r}"
+                )
+            return store.search(model, np.asarray(query, dtype=np.float32), limit, list(exclude))
+
+        return await self.read(run)
 
     async def read(self, fn: Callable[[VectorStore], T], *, background: bool = False) -> T:
         """Run a read-only ``fn(store)`` (search, fetch of stored vectors) on the read lane: never queued behind writes.
