@@ -57,7 +57,6 @@ def main() -> int:
     from embedd.models.base import ModelSpec
     from embedd.models.memory import default_budget_bytes
     from embedd.models.precision import resolve_precision
-    from embedd.models.runtime import autocast
 
     torch.set_num_threads(args.threads)
     sources = json.loads((args.models_dir / "embedd-models.json").read_text())["models"]
@@ -68,7 +67,7 @@ def main() -> int:
     model.load()
     adapter = flops.ADAPTERS[args.model]
     item = flops.record_layout(model, adapter, flops.music_like_track(model, 240.0)).items[0]
-    with autocast(model.device, precision):
+    with model.forward_context():
         model._forward([item])  # warm-up: oneDNN primitives, allocator
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model._forward([item])

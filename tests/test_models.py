@@ -565,3 +565,20 @@ def test_latent_chunk_setting_sets_the_encoders_pass_length():
     latent = backend_class("latent")
     assert latent(ModelSpec(source="x", device="cpu")).max_waveform_length == CHUNK_S * 44_100
     assert latent(ModelSpec(source="x", device="cpu", chunk_s=10.0)).max_waveform_length == 10 * 44_100
+
+
+def test_latent_in_bf16_runs_on_bf16_weights_at_the_fp32_direction(tiny: dict[str, str]) -> None:
+    """precision=bf16: Music2Latent converts its weights to bf16 and runs them without autocast (no fp32
+    round trip around each norm); its vectors keep the contract's cosine to fp32 (>= 0.999)."""
+    latent = backend_class("latent")
+    wave = signal(20.0, CATALOG["latent"].sample_rate, CATALOG["latent"].channels, 5)
+    vectors = {}
+    for precision in ("fp32", "bf16"):
+        model = latent(ModelSpec(source=tiny["latent"], device="cpu", precision=precision))
+        model.load()
+        dtypes = {p.dtype for p in model._encoder.parameters()}  # type: ignore[attr-defined]
+        assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}, dtypes
+        [vectors[precision]] = model.embed_audio_many([wave])
+        model.unload()
+    assert vectors["bf16"].vector.dtype == np.float32
+    assert float(np.dot(vectors["fp32"].vector, vectors["bf16"].vector)) >= 0.999

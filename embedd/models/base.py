@@ -11,6 +11,7 @@ know a model's state.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
@@ -107,11 +108,10 @@ class EmbeddingModel(abc.ABC):
             target = self._compile_target()
             if target is not None:
                 from embedd.models.compiled import CompiledForward
-                from embedd.models.runtime import autocast
 
                 fn, example = target
                 self._compiled = CompiledForward(
-                    self.name, fn, example, context=lambda: autocast(self.device, self.spec.precision),
+                    self.name, fn, example, context=self.forward_context,
                     if_faster=self.spec.compile == "if_faster",
                 )  # fmt: skip
 
@@ -124,6 +124,16 @@ class EmbeddingModel(abc.ABC):
             self._compiled.stop()
             self._compiled = None
         self._unload()
+
+    def forward_context(self) -> contextlib.AbstractContextManager[None]:
+        """What every forward pass runs in: inference mode, and autocast for the precision.
+
+        A backend that converts its weights to the precision itself (Music2Latent
+        in bf16) runs them without autocast: it overrides this.
+        """
+        from embedd.models.runtime import autocast
+
+        return autocast(self.device, self.spec.precision)
 
     # -- compilation (embedd.models.compiled) ----------------------------------
     def _compile_target(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor] | None:

@@ -37,7 +37,6 @@ from embedd.models.enrich import enrich
 from embedd.models.layout import channels_last_feature_encoder
 from embedd.models.quantize import quantize_model
 from embedd.models.runtime import (
-    autocast,
     group_by,
     local_config,
     mono_waveform,
@@ -168,7 +167,7 @@ class MertModel(EmbeddingModel):
             per_track.append(list(range(len(windows), len(windows) + len(spans))))
             windows.extend(mono[start:end] for start, end in spans)
         rows: list[torch.Tensor | None] = [None] * len(windows)
-        with autocast(self.device, self.spec.precision):
+        with self.forward_context():
             for length, idx in group_by(windows, len).items():
                 per_pass = self.items_per_pass(self.item_bytes(int(length)))  # type: ignore[arg-type]
                 out = run_batched(

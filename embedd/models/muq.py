@@ -78,7 +78,6 @@ from embedd.models.enrich import enrich
 from embedd.models.layout import channels_last
 from embedd.models.quantize import quantize_model
 from embedd.models.runtime import (
-    autocast,
     group_by,
     local_config,
     mono_waveform,
@@ -255,7 +254,7 @@ class MuQMuLanModel(EmbeddingModel):
                 track_windows.append(members)
             windows.append(track_windows)
         latents: list[torch.Tensor | None] = [None] * len(clip_data)
-        with autocast(self.device, self.spec.precision):
+        with self.forward_context():
             for length, idx in group_by(clip_data, lambda t: t.shape[0]).items():
                 per_pass = self.items_per_pass(self.item_bytes(int(length)))  # type: ignore[arg-type]
                 out = run_batched([clip_data[i] for i in idx], self._forward, per_pass,
@@ -286,7 +285,7 @@ class MuQMuLanModel(EmbeddingModel):
             raise EmbeddError(
                 Code.TOO_LARGE, f"argument 'text' is {tokens} tokens long; model 'muq' reads at most {limit}"
             )
-        with autocast(self.device, self.spec.precision):
+        with self.forward_context():
             raw = self._model.mulan_module.get_text_latents(raw_texts=[text])[0].float()
             vector = enrich(raw.unsqueeze(1))
         return TextEmbedding(raw=raw.cpu().numpy().astype(np.float32), vector=vector)

@@ -9,10 +9,16 @@ model by ``bench/precision.py``; figures in BENCHMARKS.md):
   bf16 autocast -- its matmuls run about 4x fp32 there;
 - any other CPU: fp32 (bf16 emulated in software is slower than fp32).
 
-Precision is always autocast, never converted weights: autocast keeps the
-reductions and norms that overflow in 16 bits (softmax, layer/group norm, the
-spectrogram front ends) in fp32, as the model authors' own mixed-precision
-inference does. The enrichment always runs in fp32.
+Precision is autocast, not converted weights: autocast keeps the reductions
+and norms that overflow in 16 bits (softmax, layer/group norm, the spectrogram
+front ends) in fp32, as the model authors' own mixed-precision inference does.
+One exception, measured: Music2Latent's encoder in bf16 converts its weights
+(``Music2LatentModel.forward_context``), because its pass is mostly
+memory-bound norms and activations, where autocast's casts cost more than the
+convolutions; bf16 keeps fp32's exponent range and PyTorch's bf16 norms
+accumulate in fp32, so its vectors stay as close to fp32 as under autocast
+(``bench/latent_bf16.py``). The spectrogram front end and the enrichment always
+run in fp32.
 """
 
 from __future__ import annotations
