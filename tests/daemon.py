@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import msgpack
 
+from embedd.ops.op import DRIFT
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -111,7 +113,17 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        self._check_answers_matched_their_structs()
         return self.proc.returncode
+
+    def _check_answers_matched_their_structs(self) -> None:
+        """Every answer this daemon gave matched its op's response Struct (embedd.ops.op.Result.of logs a drift)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return
+        drifted = [line for line in text.splitlines() if DRIFT in line]
+        assert not drifted, "an answer did not match its response Struct:\n" + "\n".join(drifted[:5])
 
     def __enter__(self) -> Daemon:
         return self.start()

@@ -105,3 +105,19 @@ def test_a_new_op_module_appears_in_the_reference_and_the_go_op_list(tree: Path)
     assert "*Admitted.*" in reference.split("#### `echo`")[1].split("####")[0]
     go = run("from embedd.ops.reference import go_source; print(go_source())")
     assert 'OpEcho ' in go and '"echo"' in go and "OpEcho: true" in go
+
+
+def test_a_view_that_drifted_from_its_struct_still_answers_and_is_logged_once(caplog):
+    """A subsystem's view with a key its Struct lacks: the daemon's bug. The client still gets the view
+    (status keeps working), the log names the Struct and the key once, and the test daemons fail on it."""
+    from embedd.ops.op import DRIFT, Result, to_wire
+
+    class Answer(Result):
+        job_id: str
+
+    with caplog.at_level("ERROR", logger="embedd.ops.op"):
+        for _ in range(2):
+            assert to_wire(Answer.of({"job_id": "j", "surprise": 1})) == {"job_id": "j", "surprise": 1}
+    drifted = [r.getMessage() for r in caplog.records if DRIFT in r.getMessage()]
+    assert len(drifted) == 1 and "Answer" in drifted[0] and "surprise" in drifted[0]
+    assert to_wire(Answer.of({"job_id": "j"})) == {"job_id": "j"}

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["OPS", "SCHEMAS", "Op", "Result", "build_handlers", "parse_request", "to_wire"]
 
 #: Modules of this package that hold the machinery, not ops.
-_FRAMEWORK = frozenset({"op", "reference"})
+_FRAMEWORK = frozenset({"op", "reference", "views"})
 
 
 def _discover() -> dict[str, Op]:

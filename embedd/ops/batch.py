@@ -8,12 +8,13 @@ None of them is ever refused by admission: they are the operator's commands.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
 import msgspec
 
 from embedd.models import DEFAULT_JOB_MODELS
 from embedd.ops.op import Op, Result
+from embedd.ops.views import ClusterStatus, LibraryWatchStatus
 from embedd.protocol import Args, ModelName, NoArgs
 
 if TYPE_CHECKING:
@@ -65,8 +66,8 @@ class Progress(Result):
     rekeyed_tracks: int
     trigger: str | None  # "manual" (batch_start) or "auto" (the library watcher)
     waiting: str | None  # why a running job is stalled (Milvus, the Ray cluster)
-    cluster: dict[str, Any] | None  # the Ray cluster and its workers (ray_address); None in process
-    library_watch: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET  # batch_progress only
+    cluster: ClusterStatus | None  # the Ray cluster and its workers (ray_address); None in process
+    library_watch: LibraryWatchStatus | msgspec.UnsetType = msgspec.UNSET  # batch_progress only, with a watcher
 
 
 class BatchCancelResult(Result):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from embedd.ops.op import Op, Result
+from embedd.ops.views import LegacyCollection
 from embedd.protocol import Args, ModelName
 
 if TYPE_CHECKING:
@@ -17,7 +18,9 @@ class DropLegacyArgs(Args):
 
 
 class DropLegacyResult(Result):
-    collections: list[dict[str, Any]]  # each as status's legacy_collections lists it
+    """The legacy collections found (each as status's legacy_collections lists it), and whether they were dropped."""
+
+    collections: list[LegacyCollection]
     dropped: bool
 
 

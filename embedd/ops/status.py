@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from embedd.ops.batch import Progress
 from embedd.ops.op import Op, Result
+from embedd.ops.views import (
+    AdmissionStatus,
+    DecoderLaneStatus,
+    ExecutorStatus,
+    LegacyCollection,
+    LibraryWatchStatus,
+    ModelStatus,
+    QueueStatus,
+    StoreLaneStatus,
+)
 from embedd.protocol import NoArgs
 
 if TYPE_CHECKING:
@@ -13,25 +23,27 @@ if TYPE_CHECKING:
 
 
 class MilvusStatus(Result):
+    """Which vector store the daemon uses and whether it answers."""
+
     uri: str
     ok: bool
 
 
 class StatusResult(Result):
-    """The parts are the subsystems' own views (their keys: docs/protocol.md, the Go client's StatusResult)."""
+    """The daemon at a glance: each part is a subsystem's own view (embedd.ops.views)."""
 
     version: str
     device: str
-    models: dict[str, dict[str, Any]]
+    models: dict[str, ModelStatus]  # every model of the catalogue, by name
     batch: Progress | None
-    queue: dict[str, int]
-    executor: dict[str, Any]
-    decoder: dict[str, dict[str, Any]] | None
-    store: dict[str, dict[str, Any]]
-    admission: dict[str, Any]
+    queue: QueueStatus
+    executor: ExecutorStatus
+    decoder: dict[str, DecoderLaneStatus] | None  # by lane ("interactive", "batch"); None before the pool started
+    store: dict[str, StoreLaneStatus]  # by lane ("read", "write")
+    admission: AdmissionStatus
     milvus: MilvusStatus
-    legacy_collections: list[dict[str, Any]] | None
-    library_watch: dict[str, Any] | None
+    legacy_collections: list[LegacyCollection] | None  # None when Milvus did not answer in time
+    library_watch: LibraryWatchStatus | None  # None without a Navidrome database (no watcher)
 
 
 async def status(service: Service, _: NoArgs) -> StatusResult:
