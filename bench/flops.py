@@ -344,10 +344,13 @@ def once_items(name: str, model: Any, seconds: float, full_item_s: float) -> flo
 
 # -- timing ----------------------------------------------------------------------------------
 def time_item(model: Any, item: Any, precision: str, warm: bool) -> float:
+    """The better of two passes over ``item`` in ``precision``: the model's own way when it is its own
+    precision (``forward_context``: Music2Latent's bf16 weights), autocast over its weights otherwise."""
     from embedd.models.runtime import autocast
 
     device = model.device
-    with autocast(device, precision):
+    own = precision == model.spec.precision
+    with model.forward_context() if own else autocast(device, precision):
         if warm:
             model._forward([item])
         best = math.inf
