@@ -26,6 +26,7 @@ import pytest
 
 from tests.conftest import model_args
 from tests.daemon import Daemon, short_tmpdir
+from tests.http_fixtures import wait_http
 from tests.navidrome_server import NavidromeServer, build_navidrome, build_plugin, free_port, write_tagged_library
 
 pytestmark = pytest.mark.timeout(900)  # the first test also builds Navidrome when its cache is cold
@@ -295,10 +296,17 @@ def test_latency_as_seen_from_navidrome(stack, capsys):
 
 
 def test_embedd_down_is_an_error_for_sonic_endpoints_and_a_fallback_for_instant_mix(stack):
-    """Last: stops the daemon. Navidrome reports the failure; Instant Mix falls through to its other agents."""
+    """embedd stopped: Navidrome reports the failure; Instant Mix falls through to its other agents.
+    The daemon is started again afterwards, whatever happens, so that no test depends on running before this one."""
     seed = by_title(stack)["Hollow Oak"]["id"]
     stack.daemon.stop()
+    try:
+        status, body = stack.nd.subsonic_raw("getSonicSimilarTracks", id=seed, count=3, timeout_s=40)
+        assert body is not None and body["status"] == "failed", (status, body)
+        status, body = stack.nd.subsonic_raw("getSimilarSongs2", id=seed, count=3, timeout_s=40)
+        assert status == 200 and body["status"] == "ok", body
+    finally:
+        stack.daemon.start()
+        wait_http(stack.http + "/healthz")
     status, body = stack.nd.subsonic_raw("getSonicSimilarTracks", id=seed, count=3, timeout_s=40)
-    assert body is not None and body["status"] == "failed", (status, body)
-    status, body = stack.nd.subsonic_raw("getSimilarSongs2", id=seed, count=3, timeout_s=40)
-    assert status == 200 and body["status"] == "ok", body
+    assert body is not None and body["status"] == "ok", (status, body)  # back: the stack is as it was
