@@ -28,7 +28,11 @@ from tests.daemon import REPO, short_tmpdir
 
 SILENT_ID = "0" * 31 + "1"
 NOT_AUDIO_ID = "0" * 31 + "2"
-FILLER_ROWS = 600  # far more than the test's few seconds of job; the job is cancelled
+#: Rows of two long files: minutes of job with the tiny models (about 12 tracks/s of 1.5 s tracks, so 2000
+#: rows of 6 s ones are over ten minutes), against the test's seconds before its Ctrl-C. The job is
+#: cancelled; 600 rows of 1.5 s tracks once finished before the Ctrl-C arrived.
+FILLER_ROWS = 2000
+FILLER_S = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def job_daemon(tiny_models):
         lib._row("silent.flac", silent, track_id=SILENT_ID),
         lib._row("notes.flac", not_audio, track_id=NOT_AUDIO_ID),
     ])  # fmt: skip
-    lib.add_good(FILLER_ROWS, rows_per_file=FILLER_ROWS // 2)
+    lib.add_good(FILLER_ROWS, rows_per_file=FILLER_ROWS // 2, duration_s=FILLER_S)
     d = BatchDaemon(root / "d", lib, tiny_models, extra=["--checkpoint-every", "100000", "--allowed-roots", str(lib.music)])
     d.start()
     d.silent = silent
