@@ -28,11 +28,10 @@ from tests.daemon import REPO, short_tmpdir
 
 SILENT_ID = "0" * 31 + "1"
 NOT_AUDIO_ID = "0" * 31 + "2"
-#: Rows of two long files: minutes of job with the tiny models (about 12 tracks/s of 1.5 s tracks, so 2000
-#: rows of 6 s ones are over ten minutes), against the test's seconds before its Ctrl-C. The job is
-#: cancelled; 600 rows of 1.5 s tracks once finished before the Ctrl-C arrived.
-FILLER_ROWS = 2000
-FILLER_S = 6.0
+#: Rows of two files: about 100 s of job with the tiny models, against the test's seconds before its
+#: Ctrl-C (600 rows of 1.5 s tracks, about 50 s, once finished first). The job is cancelled.
+FILLER_ROWS = 600
+FILLER_S = 3.0
 
 
 @pytest.fixture(scope="module")
