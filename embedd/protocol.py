@@ -33,9 +33,11 @@ __all__ = [
     "NoArgs",
     "Request",
     "WireVector",
+    "check_models",
     "encode_frame",
     "encode_vector",
     "error_response",
+    "is_vector",
     "parse_request",
     "success_response",
 ]
@@ -156,6 +158,19 @@ class Args(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
 
 class NoArgs(Args):
     pass
+
+
+def check_models(models: list[str]) -> None:
+    """The rule every op's ``models`` argument keeps: each model at most once (ValueError naming it)."""
+    if len(set(models)) != len(models):
+        raise ValueError("'models' lists a model twice")
+
+
+def is_vector(value: WireVector) -> bool:
+    """A wire vector with something in it: a whole, non-zero number of float32 values, or a non-empty list."""
+    if isinstance(value, bytes):
+        return bool(value) and len(value) % 4 == 0
+    return bool(value)
 
 
 _NO_ARGS = NoArgs()

@@ -178,8 +178,6 @@ class Music2LatentModel(EmbeddingModel):
 
         self._hop = int(hop)
         self._width_scale = 1.0  # base_channels / stock, set at load
-        #: The encoder's weights and activations: bf16 when the precision is bf16 (see :meth:`_load`).
-        self._dtype = torch.float32
         # the package's 60 s (see the module docstring) unless ``latent_chunk_s`` asks for less
         # memory per pass; an attribute so that tests can exercise chunking cheaply
         self.max_waveform_length = int((spec.chunk_s or CHUNK_S) * 44_100)
@@ -205,14 +203,12 @@ class Music2LatentModel(EmbeddingModel):
         del checkpoint, state, enc_state
         channels_last(encoder.eval().to(self.device))  # NHWC convolutions (embedd.models.layout)
         quantize_model(encoder, self.spec.quantize, self.device)
-        self._dtype = torch.float32
-        if self.spec.precision == "bf16" and self.spec.quantize == "none":
+        if self._dtype == torch.bfloat16:
             # bf16 weights and activations, not autocast: most of this encoder's pass is memory-bound
             # GroupNorm, SiLU and residual adds, which autocast runs in fp32 with a cast on each side.
             # In bf16 throughout, a 60 s chunk runs 1.64x faster on an AMX CPU at the same cosine to
             # fp32 as autocast (0.99996; PyTorch's bf16 norms accumulate in fp32): bench/latent_bf16.py.
             encoder.to(torch.bfloat16)
-            self._dtype = torch.bfloat16
         self._encoder = encoder
         self._channels = int(encoder.conv_out.out_channels)
 
@@ -295,6 +291,11 @@ class Music2LatentModel(EmbeddingModel):
         with torch.inference_mode():
             example = torch.stack([to_representation_encoder(self._samples(silence, 0, max_frames))[0]])
         return self._encoder, example.to(self._dtype)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The encoder's weights and activations: bf16 when the precision is bf16 (unquantised), see :meth:`_load`."""
+        return torch.bfloat16 if self.spec.precision == "bf16" and self.spec.quantize == "none" else torch.float32
 
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
         """bf16 weights run as they are (inference mode only): autocast would cast around every norm again."""

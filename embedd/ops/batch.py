@@ -15,7 +15,7 @@ import msgspec
 from embedd.models import DEFAULT_JOB_MODELS
 from embedd.ops.op import Op, Result
 from embedd.ops.views import ClusterStatus, LibraryWatchStatus
-from embedd.protocol import Args, ModelName, NoArgs
+from embedd.protocol import Args, ModelName, NoArgs, check_models
 
 if TYPE_CHECKING:
     from embedd.service import Service
@@ -29,8 +29,7 @@ class BatchStartArgs(Args):
     shard: str | None = None
 
     def check(self) -> None:
-        if len(set(self.models)) != len(self.models):
-            raise ValueError("'models' lists a model twice")
+        check_models(self.models)
 
 
 class BatchWatchArgs(Args):

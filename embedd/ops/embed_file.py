@@ -14,7 +14,7 @@ from embedd.embedding import decode_targets, embed_decoded
 from embedd.errors import Misuse
 from embedd.executor import Lane
 from embedd.ops.op import Op, Result
-from embedd.protocol import DEFAULT_MODEL, Args, ModelName, VectorFormat, WireVector, encode_vector
+from embedd.protocol import DEFAULT_MODEL, Args, ModelName, VectorFormat, WireVector, check_models, encode_vector
 from embedd.store import TrackRow
 
 if TYPE_CHECKING:
@@ -44,8 +44,7 @@ class EmbedFileArgs(Args):
             raise ValueError("'filename' goes with 'data', not with 'path'")
         if self.store and not self.track_id:
             raise ValueError("'store': true requires 'track_id'")
-        if len(set(self.models)) != len(self.models):
-            raise ValueError("'models' lists a model twice")
+        check_models(self.models)
 
 
 class ModelEmbedding(Result):

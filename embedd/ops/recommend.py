@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import msgspec
 
 from embedd.ops.op import Op, Result
-from embedd.protocol import DEFAULT_MODEL, Args, ModelName, WireVector
+from embedd.protocol import DEFAULT_MODEL, Args, ModelName, WireVector, check_models, is_vector
 from embedd.recommend import recommend as recommend_tracks
 
 if TYPE_CHECKING:
@@ -61,8 +61,7 @@ class RecommendArgs(Args):
     exclude_playlist_ids: Annotated[list[str], msgspec.Meta(max_length=10_000)] = msgspec.field(default_factory=list)
 
     def check(self) -> None:
-        if len(set(self.models)) != len(self.models):
-            raise ValueError("'models' lists a model twice")
+        check_models(self.models)
         for i, seed in enumerate(self.seeds):
             if seed.played_at is not None:
                 try:
@@ -80,14 +79,14 @@ class RecommendArgs(Args):
             if not seed.track_id and seed.embedding is None and seed.text is None and not seed.embeddings:
                 raise ValueError(f"seeds[{i}] has neither 'track_id', 'embedding', 'embeddings' nor 'text'")
             for model, v in (seed.embeddings or {}).items():
-                if (isinstance(v, bytes) and (not v or len(v) % 4)) or (isinstance(v, list) and not v):
+                if not is_vector(v):
                     raise ValueError(f"argument 'seeds[{i}].embeddings.{model}' is not a vector")
         for i, text in enumerate(self.negative_prompts):
             if not text.strip():
                 raise ValueError(f"argument 'negative_prompts[{i}]' is blank")
         for model, vectors in self.negative_embeddings.items():
             for i, v in enumerate(vectors):
-                if (isinstance(v, bytes) and (not v or len(v) % 4)) or (isinstance(v, list) and not v):
+                if not is_vector(v):
                     raise ValueError(f"argument 'negative_embeddings.{model}[{i}]' is not a vector")
 
 
