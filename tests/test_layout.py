@@ -12,7 +12,8 @@ PACKAGE = REPO / "embedd"
 
 #: Lower layers first; a module may import only from its own layer or below.
 LAYERS: list[set[str]] = [
-    {"embedd", "embedd.errors", "embedd.forkserver_guard", "embedd.systemd", "embedd.lockfile", "embedd.address", "embedd.priority"},
+    {"embedd", "embedd.errors", "embedd.forkserver_guard", "embedd.systemd", "embedd.lockfile", "embedd.address", "embedd.priority",
+     "embedd.allocator"},
     {"embedd.models", "embedd.models.*"},
     {"embedd.protocol", "embedd.settings", "embedd.settings.*", "embedd.frame", "embedd.admission"},
     {"embedd.audio", "embedd.audio.*", "embedd.embedding", "embedd.library", "embedd.library.*", "embedd.store", "embedd.store.*", "embedd.executor", "embedd.executor.*"},

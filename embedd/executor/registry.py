@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from embedd.allocator import release_free_memory
 from embedd.errors import Code, EmbeddError
 from embedd.models import backend_class
 from embedd.models.base import EmbeddingModel, ModelSpec
@@ -298,8 +299,9 @@ class ModelRegistry:
 
 
 def _release_memory() -> None:
-    """Give freed model memory back: Python refs first, then the CUDA caching allocator."""
+    """Give freed model memory back: Python refs first, then the process's allocator, then CUDA's cache."""
     gc.collect()
+    release_free_memory()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from embedd import allocator
 from embedd.ops.batch import Progress
 from embedd.ops.op import Op, Result
 from embedd.ops.views import (
@@ -34,6 +35,7 @@ class StatusResult(Result):
 
     version: str
     device: str
+    allocator: str  # the memory allocator the daemon runs on: "tcmalloc", "jemalloc" or "system"
     models: dict[str, ModelStatus]  # every model of the catalogue, by name
     batch: Progress | None
     queue: QueueStatus
@@ -53,6 +55,7 @@ async def status(service: Service, _: NoArgs) -> StatusResult:
         {
             "version": service.version,
             "device": service.executor.device,
+            "allocator": allocator.running(),
             "models": service.models_view(),
             "batch": service.batch.progress.view(),
             "queue": service.executor.queue_depths,

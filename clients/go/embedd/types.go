@@ -186,11 +186,14 @@ type MilvusStatus struct {
 
 // StatusResult is the answer to status.
 type StatusResult struct {
-	Version string                 `msgpack:"version"`
-	Device  string                 `msgpack:"device"`
-	Models  map[string]ModelStatus `msgpack:"models"`
-	Batch   *Progress              `msgpack:"batch"` // nil when no job has run
-	Queue   QueueStatus            `msgpack:"queue"`
+	Version string `msgpack:"version"`
+	Device  string `msgpack:"device"`
+	// Allocator is the memory allocator the daemon runs on: "tcmalloc",
+	// "jemalloc" or "system"; empty from a daemon older than the setting.
+	Allocator string                 `msgpack:"allocator"`
+	Models    map[string]ModelStatus `msgpack:"models"`
+	Batch     *Progress              `msgpack:"batch"` // nil when no job has run
+	Queue     QueueStatus            `msgpack:"queue"`
 	// Executor is nil from a daemon older than the lanes.
 	Executor *ExecutorStatus `msgpack:"executor"`
 	// Decoder is the audio decoder's lanes; nil before the daemon started it.
