@@ -51,6 +51,8 @@ from typing import Any, Callable
 
 import torch
 
+from embedd.allocator import running as running_allocator
+
 __all__ = ["CompiledForward", "compile_mode", "use_cache_dir"]
 
 log = logging.getLogger(__name__)
@@ -65,22 +67,31 @@ AUTO: dict[str, frozenset[str]] = {
     "cpu": frozenset({"latent"}),
     "cuda": frozenset({"muq", "mert", "latent"}),
 }
+#: A CPU process on tcmalloc or jemalloc (embedd.allocator) compiles nothing under ``auto``: there eager
+#: Music2Latent no longer faults in every layer's output, and runs faster than its compiled code (5.70 s
+#: against 7.66 s a 60 s chunk, bench/compiled.py on tcmalloc; BENCHMARKS.md). The 1.17x above was on glibc's.
+AUTO_CPU_POOLED: frozenset[str] = frozenset()
 
 #: The compiled code must be at most this much slower than eager on the example item to be used
 #: (the two timings come from a background thread on a shared host: a little noise is forgiven).
 SLOWER_THAN_EAGER = 1.05
 
 
-def compile_mode(setting: str, model: str, device: str) -> str:
+def compile_mode(setting: str, model: str, device: str, allocator: str | None = None) -> str:
     """How ``model`` on ``device`` is compiled under the ``compile`` setting: ``off``, ``if_faster`` or ``always``.
 
-    ``auto`` compiles the models measured faster on this kind of device, and uses the
+    ``auto`` compiles the models measured faster on this kind of device (and, on a CPU,
+    this process's allocator: ``allocator``, by default the one it runs on), and uses the
     result only if it is no slower on this host either; ``on`` compiles every model and
     uses the result whatever its speed (the operator asked for it); ``off`` never compiles.
     """
     if setting == "on":
         return "always"
-    if setting == "auto" and model in AUTO.get(device.split(":")[0], frozenset()):
+    kind = device.split(":")[0]
+    chosen = AUTO.get(kind, frozenset())
+    if kind == "cpu" and (allocator or running_allocator()) != "system":
+        chosen = AUTO_CPU_POOLED
+    if setting == "auto" and model in chosen:
         return "if_faster"
     return "off"
 

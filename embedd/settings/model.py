@@ -234,7 +234,8 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         default="off",
         description="Compile each model's common forward pass with torch.compile, in the background on the "
         "batch lane, cached in <data_dir>/compile-cache: auto = the models measured faster on this kind of "
-        "device (Music2Latent on CPU; every model on CUDA), used only if no slower on this host; on = every "
+        "device (Music2Latent on a CPU on the system's malloc, none on tcmalloc or jemalloc; every model on "
+        "CUDA), used only if no slower on this host; on = every "
         "model, always used; off (the default for now: see docs/operations.md) = never. Vectors are the same "
         "(cosine >= 0.9999).",
     )
