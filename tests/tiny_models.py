@@ -44,7 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-VERSION = "tiny-models-1"
+VERSION = "tiny-models-2"  # 2: Music2Latent's zero-initialised kernels are random too
 STAMP = "embedd-models.json"
 
 MUQ_HUB_ID = "OpenMuQ/MuQ-MuLan-large"
@@ -409,10 +409,31 @@ def _build_latent(out_file: Path, p: dict[str, Any], seed: int) -> None:
     hparams = p["latent_hparams"]
     with _seeded(seed):
         unet = build_unet(hparams).eval()
+        _revive_zero_kernels(unet)
     checkpoint: dict[str, Any] = {"gen_state_dict": unet.state_dict()}
     if hparams:
         checkpoint["embedd_hparams"] = dict(hparams)
     torch.save(checkpoint, str(out_file))
+
+
+def _revive_zero_kernels(unet: Any) -> None:
+    """Give the kernels the package starts at zero random values, as training would have.
+
+    music2latent zero-initialises the last kernel of every residual branch and
+    every attention's output projection (``init_as_zero``: a fresh network is the
+    identity). Left so, half the checkpoint's tensors are zero and every residual
+    block and attention of the test model is a no-op: its vectors would say
+    nothing about the arithmetic of the released one (bf16 against fp32, compiled
+    against eager). Such a kernel gets PyTorch's default initialisation instead.
+    """
+    import math
+
+    import torch
+
+    for module in unet.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and weight.dim() >= 2 and not weight.detach().any():
+            torch.nn.init.kaiming_uniform_(weight.detach(), a=math.sqrt(5))
 
 
 # -- hub cache layout ------------------------------------------------------------
