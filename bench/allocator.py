@@ -39,33 +39,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 TRACK_S = 240.0
 
 
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(args: argparse.Namespace) -> dict:
     """One process on one allocator: load, (count,) time one item with its CPU time and faults."""
-    import torch
-
     import flops
     from embedd.allocator import running
-    from embedd.models import backend_class
-    from embedd.models.base import ModelSpec
-    from embedd.models.memory import default_budget_bytes
-    from embedd.models.precision import resolve_precision
 
-    torch.set_num_threads(args.threads)
-    sources = json.loads((args.models_dir / "embedd-models.json").read_text())["models"]
-    precision = resolve_precision("auto", "cpu")
-    spec = ModelSpec(source=sources[args.model], device="cpu", precision=precision,
-                     memory_budget=default_budget_bytes("cpu"))  # fmt: skip
-    model = backend_class(args.model)(spec)
-    model.load()
+    loaded = flops.load_real_size(args.models_dir, args.model, "cpu", args.threads, TRACK_S)
+    model, layout, precision = loaded.model, loaded.layout, loaded.precision
     adapter = flops.ADAPTERS[args.model]
-    layout = flops.record_layout(model, adapter, flops.music_like_track(model, TRACK_S))
     item = layout.items[0]
     out: dict = {"model": args.model, "allocator": running(), "precision": precision,
                  "items_per_track": len(layout.items)}  # fmt: skip
@@ -79,7 +60,7 @@ def child(args: argparse.Namespace) -> dict:
     user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
     out["user_s"], out["sys_s"] = round(user, 2), round(system, 2)
     out["faults_per_pass"] = (after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt) // 2
-    out["hwm_mb"] = round(_hwm_mb())
+    out["hwm_mb"] = round(flops.peak_rss_mb())
     return out
 
 

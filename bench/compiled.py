@@ -42,42 +42,21 @@ sys.path.insert(0, str(ROOT / "bench"))
 TRACK_S = 240.0
 
 
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(args: argparse.Namespace) -> dict:
     """One process: load with compile on, (cold: time eager,) compile, time compiled."""
-    import torch
-
     import flops
-    from embedd.models import backend_class
-    from embedd.models.base import ModelSpec
-    from embedd.models.memory import default_budget_bytes
-    from embedd.models.precision import resolve_precision
 
-    torch.set_num_threads(args.threads)
-    sources = json.loads((args.models_dir / "embedd-models.json").read_text())["models"]
-    precision = resolve_precision("auto", args.device)
-    spec = ModelSpec(source=sources[args.model], device=args.device, precision=precision, compile="always",
-                     memory_budget=default_budget_bytes(args.device),
-                     chunk_s=args.latent_chunk_s if args.model == "latent" else None)  # fmt: skip
-    model = backend_class(args.model)(spec)
-    started = time.perf_counter()
-    model.load()
-    out: dict = {"model": args.model, "phase": args.phase, "precision": precision,
-                 "load_s": round(time.perf_counter() - started, 1)}  # fmt: skip
+    loaded = flops.load_real_size(args.models_dir, args.model, args.device, args.threads, TRACK_S, compile="always",
+                                  chunk_s=args.latent_chunk_s if args.model == "latent" else None)  # fmt: skip
+    model, layout, precision = loaded.model, loaded.layout, loaded.precision
+    out: dict = {"model": args.model, "phase": args.phase, "precision": precision, "load_s": round(loaded.load_s, 1)}
     adapter = flops.ADAPTERS[args.model]
-    layout = flops.record_layout(model, adapter, flops.music_like_track(model, TRACK_S))
     item = layout.items[0]
     out["items_per_track"] = len(layout.items)
     if args.phase == "cold":
         out["gflop_item"] = round(flops.count_item(model, adapter, item)["counted"] / 1e9, 2)
         out["eager_s"] = round(flops.time_item(model, item, precision, warm=True), 3)
-        out["eager_hwm_mb"] = round(_hwm_mb())
+        out["eager_hwm_mb"] = round(flops.peak_rss_mb())
     started = time.perf_counter()
     model.compile_now()
     out["compile_s"] = round(time.perf_counter() - started, 1)
@@ -90,7 +69,7 @@ def child(args: argparse.Namespace) -> dict:
     if args.phase == "cold" and view.get("state") == "ready":
         out["compiled_s"] = round(flops.time_item(model, item, precision, warm=False), 3)
         out["items_compiled"] = (model.compile_view() or {}).get("items")  # > 0: the timed passes ran compiled
-    out["hwm_mb"] = round(_hwm_mb())
+    out["hwm_mb"] = round(flops.peak_rss_mb())
     model.unload()
     return out
 

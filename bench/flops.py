@@ -412,6 +412,41 @@ def track_cost(model: Any, adapter: Adapter, seconds: float, flops_by_key: dict[
 
 
 # -- one model ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Loaded:
+    model: Any
+    layout: Layout  # the backend's layout of a music-like track: its first item is the one timed
+    precision: str
+    load_s: float
+
+
+def load_real_size(models_dir: Path, name: str, device: str, threads: int, track_s: float, **spec: Any) -> Loaded:
+    """A real-size model of ``models_dir`` (``tests/tiny_models.py --preset full``) loaded through its
+    backend in the precision the daemon picks on ``device`` (``auto``), on ``threads`` CPU threads."""
+    from embedd.models import backend_class
+    from embedd.models.base import ModelSpec
+    from embedd.models.memory import default_budget_bytes
+    from embedd.models.precision import resolve_precision
+
+    torch.set_num_threads(threads)
+    precision = resolve_precision("auto", device)
+    sources = json.loads((models_dir / "embedd-models.json").read_text())["models"]
+    model = backend_class(name)(ModelSpec(source=sources[name], device=device, precision=precision,
+                                          memory_budget=default_budget_bytes(device), **spec))  # fmt: skip
+    started = time.perf_counter()
+    model.load()
+    load_s = time.perf_counter() - started
+    return Loaded(model, record_layout(model, ADAPTERS[name], music_like_track(model, track_s)), precision, load_s)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def use_stock_layout() -> None:
     """Load the models without ``embedd.models.layout`` (the stock module layouts: the "before")."""
     from embedd.models import latent, mert, muq

@@ -91,7 +91,7 @@ def test_the_daemon_runs_on_the_allocator_it_reports_and_its_children_start_as_t
     with Daemon(env={"EMBEDD_ALLOCATOR": "auto"}) as d:
         assert d.call("status")["result"]["allocator"] == expected
         assert in_use(_maps(d.proc.pid)) == expected  # the same pid: re-executed, not a child
-        assert "memory allocator: " in d.log()
+        assert f"memory allocator: {expected})" in d.log()  # the serving line
         # the re-executed daemon restored the environment it was given: its children (multiprocessing's
         # resource tracker from the start, decoders, Milvus Lite) get the operator's, not the preload
         children = _children(d.proc.pid)

@@ -78,28 +78,15 @@ class LogStream:
         return False
 
 
-def log_allocator(setting: str, running: str) -> None:
-    """One line at start: the allocator the daemon runs on, and what to do when it is glibc's on a CPU host."""
-    log = logging.getLogger("embedd.allocator")
-    if running != "system":
-        log.info("memory allocator: %s", running)
-    elif setting == "auto":
-        log.info("memory allocator: the system's malloc; with tcmalloc (Debian: libtcmalloc-minimal4) Music2Latent "
-                 "runs about twice as fast on CPU")  # fmt: skip
-    elif setting != "system":
-        log.warning("memory allocator: the system's malloc: %s could not be preloaded (see the lines above)", setting)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         check_device(settings)
-        allocator = adopt(settings.allocator)  # may re-execute this process, once, with the allocator preloaded
+        adopt(settings.allocator)  # may re-execute this process, once, with the allocator preloaded
     except (SettingsInvalid, AllocatorMissing) as exc:
         print(f"embedd: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_dir)
-    log_allocator(settings.allocator, allocator)
 
     import uvloop
 

@@ -206,8 +206,10 @@ class Music2LatentModel(EmbeddingModel):
         if self._dtype == torch.bfloat16:
             # bf16 weights and activations, not autocast: most of this encoder's pass is memory-bound
             # GroupNorm, SiLU and residual adds, which autocast runs in fp32 with a cast on each side.
-            # In bf16 throughout, a 60 s chunk runs 1.64x faster on an AMX CPU at the same cosine to
-            # fp32 as autocast (0.99996; PyTorch's bf16 norms accumulate in fp32): bench/latent_bf16.py.
+            # In bf16 throughout, the activations take half the memory (3.6 instead of 7.2 GB for a
+            # 60 s chunk), and on glibc's malloc a chunk runs 1.64x faster on an AMX CPU (on tcmalloc
+            # both run alike), at the cosine to fp32 of autocast (0.99929 against 0.99931 over a chunk;
+            # PyTorch's bf16 norms accumulate in fp32): bench/latent_bf16.py, BENCHMARKS.md.
             encoder.to(torch.bfloat16)
         self._encoder = encoder
         self._channels = int(encoder.conv_out.out_channels)

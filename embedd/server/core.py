@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 
+from embedd import allocator
 from embedd.http.context import HttpContext
 from embedd.metrics import Metrics
 from embedd.ops import build_handlers
@@ -91,7 +92,8 @@ class Server:
         for site in self._sites:
             await site.start()
         where = ", ".join(str(site) for site in self._sites if site.in_ready_line)
-        log.info("embedd serving on %s (pid %d)", where, os.getpid())
+        log.info("embedd serving on %s (pid %d, memory allocator: %s)", where, os.getpid(), allocator.running())
+        allocator.log_choice(self.settings.allocator)
         self.notifier.notify(READY=1, STATUS=self.service.status_line())
         self._background.append(self.loop.create_task(self._housekeeping()))
         if (interval := watchdog_interval_s()) is not None:
