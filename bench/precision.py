@@ -66,7 +66,14 @@ def main() -> int:
                          for c in range(ch)])
 
         def run(precision: str) -> tuple[np.ndarray, float]:
-            model.spec = dataclasses.replace(model.spec, precision=precision)
+            # a model loaded in each precision, as the daemon loads it: Music2Latent converts its weights to
+            # bf16 at load (embedd.models.precision), so a spec changed after loading would not be what runs
+            nonlocal model
+            if model.spec.precision != precision:
+                spec = dataclasses.replace(model.spec, precision=precision)
+                model.unload()
+                model = backend_class(name)(spec)
+                model.load()
             model.embed_audio_many([wave[:, : min(n, 5 * sr)]])  # warm-up: kernels for this precision
             started = time.perf_counter()
             [emb] = model.embed_audio_many([wave])
