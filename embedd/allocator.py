@@ -39,7 +39,7 @@ from typing import Callable, Literal, Mapping
 
 __all__ = [
     "ALLOCATORS", "AllocatorMissing", "Plan", "adopt", "find_library", "in_use", "log_choice", "plan",
-    "release_free_memory", "running",
+    "release_free_memory", "running", "worker_environment",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,29 @@ def adopt(setting: str, argv: list[str] | None = None) -> Allocator:
         return current  # a preload the operator chose (another allocator than ours) is kept as it is
     os.execve(sys.executable, argv or sys.orig_argv, wanted.environment(os.environ))
     raise AssertionError("unreachable")  # pragma: no cover - execve does not return
+
+
+def worker_environment(setting: str, find: Callable[[str], str | None] = find_library) -> dict[str, str]:
+    """What a Ray model worker starts with (its ``runtime_env`` ``env_vars``) to run on ``setting``'s allocator.
+
+    A worker is started by its node's raylet, not by the daemon, so :func:`adopt` cannot reach it; Ray
+    sets these variables before it executes the worker's process, which is early enough for
+    ``LD_PRELOAD``. The library is named by its soname as found on the daemon's host (Debian's on
+    every Debian node); a node without it runs the worker on its system's malloc (ld.so says so in
+    the worker's log, and the worker's ``allocator`` in ``batch progress`` shows it). The node's own
+    ``LD_PRELOAD`` (Ray expands ``${LD_PRELOAD}`` on the node) comes after ours. Empty for ``system``,
+    or where the daemon's host has none.
+    """
+    try:
+        wanted = plan(setting, find)
+    except AllocatorMissing:
+        return {}
+    if wanted.library is None:
+        return {}
+    env = wanted.environment({})
+    del env[REEXEC_MARK]  # nothing to restore: the worker's children may run on it too
+    env["LD_PRELOAD"] = f"{wanted.library} ${{LD_PRELOAD}}"
+    return env
 
 
 def log_choice(setting: str) -> None:

@@ -56,6 +56,19 @@ def test_the_preload_goes_first_and_the_operators_settings_are_kept_and_restorab
     assert env["LD_PRELOAD"] == "libjemalloc.so.2" and env["MALLOC_CONF"] == allocator.JEMALLOC_CONF
 
 
+def test_a_ray_worker_gets_the_daemons_allocator_ahead_of_its_nodes_preload():
+    env = allocator.worker_environment("auto", finder(tcmalloc="libtcmalloc_minimal.so.4"))
+    assert env == {
+        "LD_PRELOAD": "libtcmalloc_minimal.so.4 ${LD_PRELOAD}",  # Ray expands it on the node
+        "TCMALLOC_RELEASE_RATE": "0", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**62),
+    }  # fmt: skip
+    assert allocator.worker_environment("jemalloc", finder(jemalloc="libjemalloc.so.2"))["MALLOC_CONF"] == (
+        allocator.JEMALLOC_CONF
+    )
+    for nothing in (("system", finder(tcmalloc="libtcmalloc_minimal.so.4")), ("auto", finder()), ("jemalloc", finder())):
+        assert allocator.worker_environment(*nothing) == {}
+
+
 def test_the_allocator_in_use_is_read_from_the_memory_map():
     line = "7f3a1c000000-7f3a1c021000 r-xp 00000000 08:01 1234    /usr/lib/x86_64-linux-gnu/{}"
     assert in_use(line.format("libtcmalloc_minimal.so.4.5.10")) == "tcmalloc"

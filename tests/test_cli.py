@@ -177,12 +177,13 @@ def test_status_prints_the_library_watchers_pending_work_and_why_it_waits():
 def _ray_view(**over) -> dict:
     """A hand-made ``cluster`` key of ``batch_progress`` (RayCluster.view with two workers' views)."""
     def worker(name, state, host, device, done, failed, rate, **more):
-        return {"name": name, "state": state, "host": host, "device": device, "pid": 4242, "models": ["muq"],
+        return {"name": name, "state": state, "host": host, "device": device, "pid": 4242, "allocator": "",
+                "models": ["muq"],
                 "in_flight": 0, "tracks_done": done, "tracks_failed": failed, "tracks_per_hour": rate,
                 "restarts": 0, "last_error": None, **more}
 
     return {"address": "ray://nas:10001", "state": "up", "error": None, "down_since": None, "fallback": "wait",
-            "workers": [worker("cpu-0", "ready", "vm", "cpu", 12, 0, 340.5),
+            "workers": [worker("cpu-0", "ready", "vm", "cpu", 12, 0, 340.5, allocator="tcmalloc"),
                         worker("gpu-0", "starting", "desk", "cuda", 0, 1, None, restarts=1, in_flight=2,
                                last_error="RayActorError: the actor died unexpectedly")],
             **over}  # fmt: skip
@@ -195,7 +196,7 @@ def test_the_ray_cluster_and_its_workers_print_under_the_jobs_progress(capsys):
 
     assert cluster_lines(_ray_view()) == [
         "ray: ray://nas:10001 up",
-        "  cpu-0  ready     vm (cpu)  12 done, 0 failed, 340.5 tracks/h",
+        "  cpu-0  ready     vm (cpu, tcmalloc)  12 done, 0 failed, 340.5 tracks/h",
         "  gpu-0  starting  desk (cuda)  0 done, 1 failed, ? tracks/h, 2 in flight, 1 restart",
         "         last error: RayActorError: the actor died unexpectedly",
     ]

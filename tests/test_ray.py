@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedd import allocator
 from tests.batch_fixtures import BatchDaemon, Library, _with_store, stored_ids
 from tests.daemon import short_tmpdir
 
@@ -132,6 +133,8 @@ def test_a_three_model_job_runs_on_both_nodes_with_the_in_process_vectors(root: 
         assert sorted(workers) == ["cpu-0", "cpu-1"], final["cluster"]
         assert all(w["tracks_done"] > 0 for w in workers.values()), workers  # both nodes took tracks
         assert sum(w["tracks_done"] for w in workers.values()) == len(tracks)
+        # preloaded through Ray's runtime_env: the nodes were started without it (glibc's malloc otherwise)
+        assert {w["allocator"] for w in workers.values()} == {allocator.plan("auto").name}, workers
         assert final["cluster"]["state"] == "closed"  # the workers go with the job
     finally:
         there.stop()

@@ -88,8 +88,9 @@ def cluster_lines(c: dict) -> list[str]:
     state_w = max((len(str(w.get("state"))) for w in workers), default=0)
     for w in workers:
         rate = w.get("tracks_per_hour")
+        where = ", ".join(str(part) for part in (w.get("device"), w.get("allocator")) if part)
         line = (
-            f"  {w.get('name')!s:<{name_w}}  {w.get('state')!s:<{state_w}}  {w.get('host') or '?'} ({w.get('device')})  "
+            f"  {w.get('name')!s:<{name_w}}  {w.get('state')!s:<{state_w}}  {w.get('host') or '?'} ({where})  "
             f"{w.get('tracks_done', 0)} done, {w.get('tracks_failed', 0)} failed, "
             f"{'?' if rate is None else f'{rate:.1f}'} tracks/h"
         )

@@ -25,6 +25,7 @@ import socket
 import time
 from typing import Any
 
+from embedd import allocator
 from embedd.audio import decode_bytes, decode_file
 from embedd.embedding import decode_targets, embed_decoded
 from embedd.errors import Code, EmbeddError
@@ -56,7 +57,8 @@ class ModelWorker:
     async def ready(self) -> dict[str, Any]:
         """Where this worker runs, once its executor knows its device (models load at the first track)."""
         await self.executor.described()
-        return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(), "device": self.executor.device}
+        where = {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(), "device": self.executor.device}
+        return where | {"allocator": allocator.running()}
 
     async def embed(self, source: bytes | str, display: str, models: list[str]) -> Outcome:
         """Every model's vector of one track: ``source`` is the file's bytes, or its path (shared paths)."""

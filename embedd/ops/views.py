@@ -220,6 +220,7 @@ class ClusterWorker(Result):
     host: str
     device: str
     pid: int
+    allocator: str  # the memory allocator its process runs on (tcmalloc | jemalloc | system), "" until ready
     models: list[str]
     in_flight: int
     tracks_done: int

@@ -357,6 +357,7 @@ type ClusterWorker struct {
 	Host          string   `msgpack:"host"`
 	Device        string   `msgpack:"device"`
 	PID           int      `msgpack:"pid"`
+	Allocator     string   `msgpack:"allocator"` // the memory allocator its process runs on; "" until ready
 	Models        []string `msgpack:"models"`
 	InFlight      int      `msgpack:"in_flight"`
 	TracksDone    int      `msgpack:"tracks_done"`
