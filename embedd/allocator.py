@@ -200,7 +200,7 @@ def log_choice(setting: str) -> None:
         return
     if setting == "auto":
         log.info("no tcmalloc or jemalloc on this host: with tcmalloc (Debian: libtcmalloc-minimal4) "
-                 "Music2Latent runs about 2.5x as fast on CPU")  # fmt: skip
+                 "Music2Latent runs about 2.4x as fast on CPU")  # fmt: skip
     else:
         log.warning("allocator = %s could not be preloaded (ld.so said why above): the system's malloc it is", setting)
 

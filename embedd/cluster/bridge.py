@@ -25,7 +25,7 @@ checkpoints, retries and writes):
   second death names the track that kills workers;
 - **the workers' allocator**: each starts with the daemon's ``allocator``
   preloaded through Ray (:func:`embedd.allocator.worker_environment`), since
-  glibc's malloc makes Music2Latent 2.5x slower on a CPU;
+  glibc's malloc makes Music2Latent 2.4x slower on a CPU;
 - **what it saw**: per worker its host, device, allocator, tracks done and
   failed, rate and last error, sent to the daemon whenever it changes.
 

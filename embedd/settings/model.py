@@ -243,7 +243,7 @@ class Settings(_WithModelSources):  # type: ignore[valid-type,misc]
         default="auto",
         description="The daemon's memory allocator: auto = tcmalloc, else jemalloc, where the host has one "
         "(Debian: libtcmalloc-minimal4), else the system's malloc. glibc's malloc gives each large activation "
-        "back to the kernel and faults it in again: a Music2Latent pass on CPU took 2.3x as long on it.",
+        "back to the kernel and faults it in again: a Music2Latent pass on CPU took 2.4x as long on it.",
     )
     quantize: Literal["none", "int8"] = Field(
         default="none",
