@@ -178,8 +178,7 @@ def _ray_view(**over) -> dict:
     """A hand-made ``cluster`` key of ``batch_progress`` (RayCluster.view with two workers' views)."""
     def worker(name, state, host, device, done, failed, rate, **more):
         return {"name": name, "state": state, "host": host, "device": device, "pid": 4242, "allocator": "",
-                "models": ["muq"],
-                "in_flight": 0, "tracks_done": done, "tracks_failed": failed, "tracks_per_hour": rate,
+                "models": ["muq"], "in_flight": 0, "tracks_done": done, "tracks_failed": failed, "tracks_per_hour": rate,
                 "restarts": 0, "last_error": None, **more}
 
     return {"address": "ray://nas:10001", "state": "up", "error": None, "down_since": None, "fallback": "wait",

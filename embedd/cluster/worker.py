@@ -57,8 +57,13 @@ class ModelWorker:
     async def ready(self) -> dict[str, Any]:
         """Where this worker runs, once its executor knows its device (models load at the first track)."""
         await self.executor.described()
-        where = {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(), "device": self.executor.device}
-        return where | {"allocator": allocator.running()}
+        return {
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": self.executor.device,
+            "allocator": allocator.running(),
+        }
 
     async def embed(self, source: bytes | str, display: str, models: list[str]) -> Outcome:
         """Every model's vector of one track: ``source`` is the file's bytes, or its path (shared paths)."""
